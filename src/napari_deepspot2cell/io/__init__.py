@@ -1,0 +1,1 @@
+"""Readers and writers: slides, cell masks, spot data, atomic outputs."""
