@@ -1,0 +1,120 @@
+"""The cell table from a label image, computed block by block.
+
+A whole-slide mask (40k x 40k px, a million cells) is never held whole: each
+block of the dask array is reduced to per-label partial sums (pixel count,
+coordinate sums, bounding box) and the partials are merged. Memory is one block
+plus a few arrays per cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from ..progress import Job, Progress
+
+COLUMNS = ["label", "x", "y", "area", "y0", "x0", "y1", "x1"]
+_BLOCK = 4096
+
+
+def _block_partials(block: np.ndarray, oy: int, ox: int) -> np.ndarray | None:
+    """Per-label (label, n, sum_y, sum_x, min_y, min_x, max_y, max_x) of one block."""
+    flat = block.ravel()
+    fg = np.flatnonzero(flat)
+    if fg.size == 0:
+        return None
+    labs = flat[fg]
+    uniq, inv = np.unique(labs, return_inverse=True)
+    rows = fg // block.shape[1]
+    cols = fg - rows * block.shape[1]
+    n = np.bincount(inv, minlength=uniq.size)
+    sy = np.bincount(inv, weights=rows, minlength=uniq.size)
+    sx = np.bincount(inv, weights=cols, minlength=uniq.size)
+    miny = np.full(uniq.size, np.iinfo(np.int64).max)
+    minx = miny.copy()
+    maxy = np.full(uniq.size, -1)
+    maxx = maxy.copy()
+    np.minimum.at(miny, inv, rows)
+    np.minimum.at(minx, inv, cols)
+    np.maximum.at(maxy, inv, rows)
+    np.maximum.at(maxx, inv, cols)
+    return np.stack(
+        [uniq.astype(np.float64), n, sy + oy * n, sx + ox * n, miny + oy, minx + ox, maxy + oy, maxx + ox],
+        axis=1,
+    ).astype(np.float64)
+
+
+def _blocks(labels: da.Array, block: int) -> Iterator[tuple[np.ndarray, int, int]]:
+    h, w = labels.shape
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            yield np.asarray(labels[y : y + block, x : x + block]), y, x
+
+
+def iter_cell_table(labels, *, block: int = _BLOCK, source=None) -> Job[pd.DataFrame]:
+    """Job: the cell table of a label image (numpy or dask, 2-D, 0 = background).
+
+    Returns a DataFrame indexed by label with columns label, x, y (centroid in
+    level-0 px, x = column), area (px) and the half-open bounding box y0, x0,
+    y1, x1. Rows are sorted by label.
+    """
+    if labels.ndim != 2:
+        raise InputError(source, f"a label image must be 2-D, got shape {tuple(labels.shape)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(source, f"labels must be integers, got {labels.dtype}")
+    if not isinstance(labels, da.Array):
+        labels = da.from_array(labels, chunks=(block, block))
+    h, w = labels.shape
+    total = -(-h // block) * -(-w // block)
+    parts: list[np.ndarray] = []
+    for i, (arr, oy, ox) in enumerate(_blocks(labels, block)):
+        if arr.min(initial=0) < 0:
+            raise InputError(source, "labels must be >= 0 (0 = background)")
+        part = _block_partials(arr, oy, ox)
+        if part is not None:
+            parts.append(part)
+        yield Progress("cells", i + 1, total)
+    return _merge(parts)
+
+
+def _merge(parts: list[np.ndarray]) -> pd.DataFrame:
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=np.int64 if c not in ("x", "y") else np.float64) for c in COLUMNS}).set_index(
+            pd.Index([], name="label_id", dtype=np.int64), drop=False
+        )
+    p = np.concatenate(parts)
+    uniq, inv = np.unique(p[:, 0], return_inverse=True)
+    k = uniq.size
+    n = np.bincount(inv, weights=p[:, 1], minlength=k)
+    sy = np.bincount(inv, weights=p[:, 2], minlength=k)
+    sx = np.bincount(inv, weights=p[:, 3], minlength=k)
+    ext = []
+    for col, fn, init in ((4, np.minimum, np.inf), (5, np.minimum, np.inf), (6, np.maximum, -np.inf), (7, np.maximum, -np.inf)):
+        out = np.full(k, init)
+        fn.at(out, inv, p[:, col])
+        ext.append(out.astype(np.int64))
+    df = pd.DataFrame(
+        {
+            "label": uniq.astype(np.int64),
+            "x": sx / n,
+            "y": sy / n,
+            "area": n.astype(np.int64),
+            "y0": ext[0],
+            "x0": ext[1],
+            "y1": ext[2] + 1,
+            "x1": ext[3] + 1,
+        }
+    )
+    df.index = pd.Index(df["label"].to_numpy(), name="label_id")
+    return df
+
+
+def cell_table(labels, *, block: int = _BLOCK, source=None) -> pd.DataFrame:
+    """The cell table, computed without progress events (see :func:`iter_cell_table`)."""
+    from ..progress import run
+
+    return run(iter_cell_table(labels, block=block, source=source))
