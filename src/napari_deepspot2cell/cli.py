@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spots", default=None, help="optional spot data (h5ad or Space Ranger folder) to use as context instead of the patch grid")
     p.add_argument("--spot-diameter-um", type=float, default=None)
     p.add_argument("--genes", default=None, help="gene list (one per line) for reference checkpoints that lack one")
+
+    from .demo import add_demo_arguments
+    from .train import add_train_arguments
+
+    add_train_arguments(sub.add_parser("train", help="train DeepSpot2Cell from spot counts"))
+    add_demo_arguments(sub.add_parser("demo", help="run the whole method on the shipped sample data"))
     return parser
 
 
@@ -146,7 +152,19 @@ def cmd_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"predict": cmd_predict}
+def cmd_train(args) -> int:
+    from .train import cmd_train as run_train
+
+    return run_train(args)
+
+
+def cmd_demo(args) -> int:
+    from .demo import cmd_demo as run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {"predict": cmd_predict, "train": cmd_train, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
