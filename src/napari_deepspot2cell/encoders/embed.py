@@ -44,22 +44,18 @@ def plan_tiles(boxes: np.ndarray, *, window: int = 2048, chunk: int = 256) -> Pl
     wx_serp = np.where(wy % 2 == 0, wx, -wx)  # serpentine: neighbouring windows stay adjacent in time
     band = np.floor(boxes[:, 1] / 64).astype(np.int64)
     order = np.lexsort((boxes[:, 0], band, wx_serp, wy, big))
+    # Runs of one window in processing order; every big tile is a run of its own.
+    key = np.where(big, -1 - np.arange(n), wy * (int(wx.max()) + 1 - int(wx.min())) + (wx - int(wx.min()))) if n else wy
+    ks = key[order]
+    starts = np.concatenate([[0], np.flatnonzero(ks[1:] != ks[:-1]) + 1, [n]]) if n else np.array([0])
     chunks: list[tuple[int, int]] = []
     windows: list[Window] = []
-    start = 0
-    while start < n:
-        i = order[start]
-        if big[i]:
-            end = start + 1
-        else:
-            same = (wy[order] == wy[i]) & (wx[order] == wx[i]) & ~big[order]
-            end = start + int(np.argmin(same[start:])) if not same[start:].all() else n
+    for start, end in zip(starts[:-1].tolist(), starts[1:].tolist()):
         win = Window(box_extent(boxes[order[start:end]]))
         for s in range(start, end, chunk):
             win.chunks.append(len(chunks))
             chunks.append((s, min(s + chunk, end)))
         windows.append(win)
-        start = end
     return Plan(order=order, chunks=chunks, windows=windows)
 
 
@@ -188,7 +184,7 @@ def iter_embed(
                             torch.cuda.empty_cache()
                         if bs == 1:
                             raise InputError(None, f"out of {dev.type.upper()} memory even at batch size 1 on {describe_device(dev)}: the encoder needs more memory than is free; close other jobs on this GPU or use --device cpu") from None
-                        bs = max(1, bs // 2)
+                        bs = max(1, (b1 - b0) // 2)  # halve what failed, not the nominal size
                         continue
                     b0 = b1
                 out[idx] = emb
