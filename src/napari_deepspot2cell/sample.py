@@ -21,6 +21,7 @@ FILES = {
     "spots": "spots.h5ad",
     "cell_truth": "cell_truth.h5ad",
     "checkpoint": "model.ckpt",
+    "predictions": "predictions.h5ad",
 }
 KEYS = tuple(FILES)
 
