@@ -8,16 +8,13 @@ measured expression, inside and outside spots, by a clear margin.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 
 import anndata as ad
 import numpy as np
 import pytest
 
 from napari_deepspot2cell import synthetic
-from napari_deepspot2cell.errors import InputError
 from napari_deepspot2cell.geometry.assign import nearest_spot_baseline
 from napari_deepspot2cell.geometry.spots import spots_from_anndata
 from napari_deepspot2cell.metrics import pearson_per_gene
@@ -28,21 +25,9 @@ TRAIN_FLAGS = ["--max-epochs", "60", "--n-ensemble", "3", "--phi2rho-size", "128
 
 
 def _cli(argv):
-    from napari_deepspot2cell import cli
+    from napari_deepspot2cell.cli import main
 
-    if argv[0] in getattr(cli, "COMMANDS", {}):
-        return cli.main(argv)
-    from napari_deepspot2cell.train import add_train_arguments, cmd_train
-
-    parser = argparse.ArgumentParser(prog="deepspot2cell")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_arguments(sub.add_parser("train"))
-    args = parser.parse_args(argv)
-    try:
-        return cmd_train(args)
-    except InputError as exc:
-        print(f"deepspot2cell train: error: {exc}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
 def _scores(pred: ad.AnnData, tissue) -> dict:

@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 
-import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -16,7 +15,6 @@ from napari_deepspot2cell import metrics as M
 from napari_deepspot2cell import synthetic
 from napari_deepspot2cell.errors import InputError
 from napari_deepspot2cell.model import load_checkpoint
-from napari_deepspot2cell.progress import run
 from napari_deepspot2cell.train import TrainInput, add_train_arguments, cmd_train, iter_train, train
 
 FAST = dict(n_ensemble=2, phi2rho_size=16, max_epochs=3, batch_spots=8, device="cpu", lr=1e-3)

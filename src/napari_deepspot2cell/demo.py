@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .errors import InputError
 from .progress import Job, Progress, delegate
@@ -153,8 +152,6 @@ def evaluate(adata, paths: dict) -> dict:
     import anndata as ad
 
     from . import metrics as M
-    from .dataset import cell_truth_targets, log1p_cp10k
-    from .geometry.assign import nearest_spot_baseline
     from .geometry.spots import spots_from_anndata
     from .io.spots import read_spots
 
@@ -163,35 +160,10 @@ def evaluate(adata, paths: dict) -> dict:
     spots = spots_from_anndata(spots_ad)
     truth = ad.read_h5ad(paths["cell_truth"])
     genes = [str(g) for g in adata.var_names]
-    tvar = pd.Index([str(g) for g in truth.var_names])
-    svar = pd.Index([str(g) for g in spots_ad.var_names])
-    missing = [g for g in genes if g not in tvar or g not in svar]
-    if missing:
-        raise InputError(paths["cell_truth"], f"the sample truth or spots lack the model's genes {', '.join(missing[:5])}")
-
-    labels = adata.obs["label"].to_numpy(np.int64)
-    pos = pd.Index(truth.obs["label"].to_numpy(np.int64)).get_indexer(labels)
-    if (pos < 0).any():
-        raise InputError(paths["cell_truth"], f"{int((pos < 0).sum())} predicted cells have no truth")
-    spot_index = pd.Index(np.asarray(spots.ids, dtype=str)).get_indexer(adata.obs["spot"].astype(str).to_numpy())
+    result, spot_values = M.cell_level_scores(
+        adata, truth.X, truth.obs["label"].to_numpy(np.int64), truth.var_names, spots_ad, spots, source=paths["cell_truth"]
+    )
     inside = adata.obs["inside_spot"].to_numpy(bool)
-    counts = truth.X[pos]
-    # the truth's library size is every gene of the input, as for the spot targets
-    T = cell_truth_targets(counts, spot_index, inside, tvar.get_indexer(genes)).astype(np.float64)
-    spot_values = log1p_cp10k(spots_ad.X, svar.get_indexer(genes)).astype(np.float64)
-    B = nearest_spot_baseline(adata.obsm["spatial"], spots, spot_values)
-    P = np.asarray(adata.X, np.float64)
-
-    result = {}
-    for where, rows in (("inside", inside), ("outside", ~inside), ("all", np.ones_like(inside))):
-        model = M.compare(P, T, rows, genes)
-        base = M.compare(B, T, rows, genes)
-        result[where] = {
-            "n_cells": int(rows.sum()),
-            "model_mean_pearson": model["mean_pearson"],
-            "baseline_mean_pearson": base["mean_pearson"],
-            "per_gene": {g: {"model": model["per_gene"][g], "baseline": base["per_gene"][g]} for g in genes},
-        }
     # the gene with the most spatial structure over the spots: the largest covariance
     # between neighbouring spots (Moran's I x variance; I alone favours flat genes)
     morans = morans_i(spot_values, spots.neighbours)

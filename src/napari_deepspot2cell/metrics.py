@@ -61,6 +61,52 @@ def compare(pred: np.ndarray, truth: np.ndarray, rows: np.ndarray, genes: list[s
     return summarise(pearson_per_gene(pred[rows], truth[rows]), genes, int(rows.sum() if rows.dtype == bool else len(rows)))
 
 
+def cell_level_scores(pred, truth_counts, truth_labels, truth_genes, spots_ad, spots, *, source=None) -> tuple[dict, np.ndarray]:
+    """Cell-level Pearson per gene of a prediction AnnData and of the nearest-spot
+    baseline against the known truth, for inside, outside and all cells.
+
+    truth_counts: (n, all genes) counts of the cells `truth_labels`, columns `truth_genes`;
+    spots_ad / spots: the measured spots (io.spots.read_spots) and their layout.
+    The truth is DESIGN.md's: log1p(1e4 * cell counts / total of the context
+    spot's inside cells). Returns the scores and the spots' measured values of
+    the prediction's genes.
+    """
+    import pandas as pd
+
+    from .dataset import cell_truth_targets, log1p_cp10k
+    from .errors import InputError
+    from .geometry.assign import nearest_spot_baseline
+
+    genes = [str(g) for g in pred.var_names]
+    svar = pd.Index([str(g) for g in spots_ad.var_names])
+    tvar = pd.Index([str(g) for g in truth_genes])
+    missing = [g for g in genes if g not in tvar or g not in svar]
+    if missing:
+        raise InputError(source, f"the truth or the spots lack the model's genes {', '.join(missing[:5])}")
+    pos = pd.Index(np.asarray(truth_labels, np.int64)).get_indexer(pred.obs["label"].to_numpy(np.int64))
+    if (pos < 0).any():
+        raise InputError(source, f"{int((pos < 0).sum())} predicted cells have no truth")
+    spot_index = pd.Index(np.asarray(spots.ids, dtype=str)).get_indexer(pred.obs["spot"].astype(str).to_numpy())
+    inside = pred.obs["inside_spot"].to_numpy(bool)
+    # the truth's library size is every gene of the input, as for the spot targets
+    truth = cell_truth_targets(truth_counts[pos], spot_index, inside, tvar.get_indexer(genes)).astype(np.float64)
+    spot_values = log1p_cp10k(spots_ad.X, svar.get_indexer(genes)).astype(np.float64)
+    baseline = nearest_spot_baseline(pred.obsm["spatial"], spots, spot_values)
+    model = np.asarray(pred.X, np.float64)
+    known = np.isfinite(truth).all(axis=1)
+    result = {}
+    for where, rows in (("inside", inside & known), ("outside", ~inside & known), ("all", known)):
+        m = compare(model, truth, rows, genes)
+        b = compare(baseline, truth, rows, genes)
+        result[where] = {
+            "n_cells": int(rows.sum()),
+            "model_mean_pearson": m["mean_pearson"],
+            "baseline_mean_pearson": b["mean_pearson"],
+            "per_gene": {g: {"model": m["per_gene"][g], "baseline": b["per_gene"][g]} for g in genes},
+        }
+    return result, spot_values
+
+
 def write_json(path, metrics: dict) -> Path:
     path = Path(path)
     atomic_write_text(path, json.dumps(metrics, indent=2, allow_nan=False, default=_plain) + "\n")
