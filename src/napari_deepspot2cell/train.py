@@ -37,6 +37,7 @@ from .geometry.assign import iter_assign_cells, nearest_spot_baseline, spot_pitc
 from .geometry.cells import iter_cell_table
 from .geometry.spots import Spots, patch_grid, spots_from_anndata
 from .geometry.tiles import cell_tile_boxes, spot_tile_boxes
+from .optim import AdamW
 from .progress import Job, Progress, delegate, run
 
 MIN_TRAIN_SPOTS = 4
@@ -379,7 +380,7 @@ def iter_train(
     seed_everything(seed)
     model = DeepSpot2Cell(int(enc.dim), len(chosen), n_ensemble=int(n_ensemble), phi2rho_size=int(phi2rho_size),
                           p=float(dropout), aggregate=aggregate, seed=seed).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(lr), weight_decay=float(weight_decay))
+    opt = AdamW(model.parameters(), lr=float(lr), weight_decay=float(weight_decay))
     rng = np.random.default_rng(seed)
     history: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": []}
     best = {"loss": math.inf, "epoch": None, "state": None}
