@@ -342,7 +342,7 @@ class PredictWidget(QWidget):
         self._pending: dict | None = None
 
         self.image_combo = LayerPicker(napari_viewer, Image, _is_rgb_image, self)
-        self.labels_combo = LayerPicker(napari_viewer, Labels, lambda ly: _layer_info(ly).get("kind") != "cells", self)
+        self.labels_combo = LayerPicker(napari_viewer, Labels, None, self)  # a predictions cells layer is the same mask
         self.open_slide_button = QPushButton("Open…")
         self.open_slide_button.setToolTip("Open a slide file (TIFF, OME-TIFF, SVS, PNG/JPEG)")
         self.open_mask_button = QPushButton("Open…")

@@ -152,7 +152,7 @@ class TrainWidget(QWidget):
         self._out_at_press: Path | None = None
 
         self.image_combo = LayerPicker(napari_viewer, Image, _is_rgb_image, self)
-        self.labels_combo = LayerPicker(napari_viewer, Labels, lambda ly: _layer_info(ly).get("kind") != "cells", self)
+        self.labels_combo = LayerPicker(napari_viewer, Labels, None, self)  # a predictions cells layer is the same mask
         self.open_slide_button = QPushButton("Open…")
         self.open_mask_button = QPushButton("Open…")
         self.spots = QLineEdit()
