@@ -52,6 +52,7 @@ def crop_resize(
     *,
     fill: float = 1.0,
     max_supersample: int = 4,
+    shifted: bool = False,
 ) -> torch.Tensor:
     """Cut `boxes` out of `region` and resize each to (size, size).
 
@@ -60,7 +61,9 @@ def crop_resize(
     dtype. Parts of a box outside the region take the value `fill` (white, as
     glass is). Tiles shrunk by more than 2x are sampled at up to
     `max_supersample` times the size and average-pooled, so small outputs of
-    large tiles are not aliased.
+    large tiles are not aliased. With `shifted=True` the region already holds
+    `pixels - fill` (see :func:`prepare_region`), which saves a copy of the whole
+    region per batch.
     """
     boxes_t = torch.as_tensor(boxes, dtype=torch.float64)
     # The supersampling factor is a property of each tile alone, so that a tile
@@ -70,11 +73,19 @@ def crop_resize(
     out = torch.empty((boxes_t.shape[0], 3, size, size), dtype=region.dtype, device=region.device)
     for k in torch.unique(ks).tolist():
         sel = torch.nonzero(ks == k).flatten()
-        out[sel.to(region.device)] = _sample(region, origin, boxes_t[sel], size, int(k), fill)
-    return out
+        out[sel.to(region.device)] = _sample(region if shifted else region - fill, origin, boxes_t[sel], size, int(k))
+    return out + fill
 
 
-def _sample(region: torch.Tensor, origin, boxes_t: torch.Tensor, size: int, k: int, fill: float) -> torch.Tensor:
+def prepare_region(pixels: np.ndarray, device: torch.device, fill: float = 1.0) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 `pixels / 255 - fill` on the device, for `crop_resize(..., shifted=True)`."""
+    t = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(2, 0, 1).float()
+    return t.div_(255.0).sub_(fill)
+
+
+def _sample(src: torch.Tensor, origin, boxes_t: torch.Tensor, size: int, k: int) -> torch.Tensor:
+    """Bilinear samples of the fill-shifted region `src`; outside it they are 0."""
+    region = src
     b = boxes_t.shape[0]
     _, h, w = region.shape
     oy, ox = origin
@@ -89,8 +100,7 @@ def _sample(region: torch.Tensor, origin, boxes_t: torch.Tensor, size: int, k: i
     grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1)  # (B, S, S, 2) as (x, y)
     # All tiles sampled as one tall image from the single region: no copy of the region per tile.
     grid = grid.reshape(1, b * s, s, 2).to(device=region.device, dtype=region.dtype)
-    src = (region - fill).unsqueeze(0)
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    out = F.grid_sample(src.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out = out.view(3, b, s, s).permute(1, 0, 2, 3)
     if k > 1:
         out = F.avg_pool2d(out, k)
