@@ -161,7 +161,7 @@ def _read_label_image(path: Path):
 
     name = path.name.lower()
     if name.endswith(".npy"):
-        arr = np.load(path, mmap_mode="r")
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle a file one opens
         return da.from_array(arr, chunks=(2048, 2048)) if arr.ndim == 2 else arr
     if name.endswith((".tif", ".tiff")):
         import tifffile

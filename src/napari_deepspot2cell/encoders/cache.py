@@ -5,21 +5,25 @@ The folder name is the hash of a signature that records the slide's identity
 and the tiles themselves (their boxes hashed): any change lands in another
 folder, so a stale embedding is never read. Chunks are written atomically, so
 an interrupted run leaves only whole chunks and the next run resumes from them.
-No pickle: chunks load with `allow_pickle=False`.
+No pickle: chunks load with `allow_pickle=False`. Each chunk has a sidecar
+`cNNNNNNN.npy.sha256` with the digest of its bytes, written after the chunk: a
+chunk whose bytes were damaged in place (same shape, flipped bits) or that lost
+its sidecar is dropped and recomputed, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ..io.atomic import atomic_path, atomic_write_text
+from ..io.atomic import atomic_write_bytes, atomic_write_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chunks carry a sha256 sidecar
 ENV_VAR = "DEEPSPOT2CELL_CACHE"
 
 
@@ -48,7 +52,7 @@ class EmbeddingCache:
             except (OSError, ValueError):
                 stored = None
             if stored != json.loads(text):  # a hash collision or a damaged folder: start over
-                for f in self.folder.glob("c*.npy"):
+                for f in [*self.folder.glob("c*.npy"), *self.folder.glob("c*.npy.sha256")]:
                     f.unlink()
                 atomic_write_text(sig_file, text)
         else:
@@ -65,18 +69,33 @@ class EmbeddingCache:
         if not path.exists():
             return None
         try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            path.unlink(missing_ok=True)
-            return None
-        if arr.shape != (n, dim) or arr.dtype != np.float32 or not np.isfinite(arr).all():
-            path.unlink(missing_ok=True)
+            data = path.read_bytes()
+            # reliability: bytes damaged in place keep a valid header and shape; only the digest tells
+            ok = _digest_path(path).read_text().strip() == hashlib.sha256(data).hexdigest()
+            arr = np.load(io.BytesIO(data), allow_pickle=False) if ok else None
+        except (OSError, ValueError, EOFError, UnicodeDecodeError):
+            arr = None
+        if arr is None or arr.shape != (n, dim) or arr.dtype != np.float32 or not np.isfinite(arr).all():
+            self.drop(index)
             return None
         self.reused += 1
         return arr
 
+    def drop(self, index: int) -> None:
+        path = self._path(index)
+        path.unlink(missing_ok=True)
+        _digest_path(path).unlink(missing_ok=True)
+
     def put(self, index: int, arr: np.ndarray) -> None:
-        with atomic_path(self._path(index)) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+        data = buf.getvalue()
+        path = self._path(index)
+        _digest_path(path).unlink(missing_ok=True)  # a chunk is valid only once its digest follows it
+        atomic_write_bytes(path, data)
+        atomic_write_text(_digest_path(path), hashlib.sha256(data).hexdigest() + "\n")
         self.computed += 1
+
+
+def _digest_path(chunk: Path) -> Path:
+    return chunk.with_name(chunk.name + ".sha256")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -56,3 +57,57 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+# ---------------------------------------------------------------- faults (reliability)
+
+# What CUDA / MPS drivers say when the device itself fails mid-run (a lost or reset
+# GPU, an Xid, a device-side assert): no retry on that device can succeed.
+_DEVICE_FAILURE_MARKERS = (
+    "cuda error", "device-side assert", "unspecified launch failure", "illegal memory access",
+    "cublas_status", "cudnn_status", "cudnn error", "nccl error", "device not ready",
+    "no cuda gpus are available", "cuda driver", "hip error", "mps backend failed",
+)
+
+
+class DeviceError(InputError):
+    """The GPU failed during a run (lost, reset, a device-side assert): one line for the
+    user, as an InputError, since there is nothing to debug in our code and the remedy
+    (rerun, check the GPU, --device cpu) is theirs; finished cache chunks are kept."""
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in _DEVICE_FAILURE_MARKERS)
+
+
+def device_failure(exc: BaseException, device: torch.device) -> DeviceError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return DeviceError(
+        None,
+        f"the {device.type.upper()} device failed during embedding ({first}); the run stopped and finished "
+        "embeddings stay in the cache: check the GPU (nvidia-smi), then rerun to resume, or use --device cpu",
+    )
+
+
+_ALLOCATE = re.compile(r"tried to allocate\s+([0-9.]+\s*[KMGT]i?B)", re.IGNORECASE)
+
+
+def out_of_memory_needs(exc: BaseException, batch: int, side: int, device: torch.device) -> str:
+    """How much memory the failed step wanted, in words: torch's 'Tried to allocate X GiB'
+    when it says so, else the batch and tile size that did not fit (and what was free)."""
+    found = _ALLOCATE.search(str(exc))
+    if found:
+        need = f"it tried to allocate {found.group(1)} more"
+    else:
+        need = f"a batch of {batch} tile(s) of {side} x {side} px did not fit"
+    if device.type == "cuda":
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+            need += f" ({free / 2**30:.2f} of {total / 2**30:.2f} GiB free)"
+        except Exception:  # a failing device cannot report its memory; the message stands without it
+            pass
+    return need

@@ -19,7 +19,9 @@ from ..errors import InputError
 from ..geometry.tiles import box_extent, crop_resize, prepare_region
 from ..progress import Job, Progress
 from .cache import EmbeddingCache
-from .device import autocast, describe_device, is_out_of_memory, resolve_device
+from .device import (
+    autocast, describe_device, device_failure, is_device_failure, is_out_of_memory, out_of_memory_needs, resolve_device,
+)
 
 
 @dataclass
@@ -166,7 +168,12 @@ def iter_embed(
             if isinstance(region, BaseException):
                 raise region
             y0, x0 = w.extent[0], w.extent[1]
-            reg = prepare_region(region, dev)
+            try:
+                reg = prepare_region(region, dev)
+            except Exception as exc:  # reliability: the copy to the device is where a lost GPU shows first
+                if is_device_failure(exc) and not is_out_of_memory(exc):
+                    raise device_failure(exc, dev) from None
+                raise
             for ci in w.chunks:
                 s, e = plan.chunks[ci]
                 idx = plan.order[s:e]
@@ -179,11 +186,16 @@ def iter_embed(
                         emb[b0:b1] = _encode(encoder, tiles, dev).cpu().numpy()
                     except Exception as exc:
                         if not is_out_of_memory(exc):
+                            if is_device_failure(exc):  # reliability: a lost GPU is one clear line, not a traceback
+                                raise device_failure(exc, dev) from None
                             raise
                         if dev.type == "cuda":
                             torch.cuda.empty_cache()
                         if bs == 1:
-                            raise InputError(None, f"out of {dev.type.upper()} memory even at batch size 1 on {describe_device(dev)}: the encoder needs more memory than is free; close other jobs on this GPU or use --device cpu") from None
+                            # reliability: name the memory that was needed (torch's "Tried to allocate X"),
+                            # else the batch and tile size that did not fit
+                            need = out_of_memory_needs(exc, b1 - b0, size, dev)
+                            raise InputError(None, f"out of {dev.type.upper()} memory even at batch size 1 on {describe_device(dev)}: {need}; the encoder needs more memory than is free; close other jobs on this GPU or use --device cpu") from None
                         bs = max(1, (b1 - b0) // 2)  # halve what failed, not the nominal size
                         continue
                     b0 = b1

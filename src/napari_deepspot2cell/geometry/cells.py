@@ -21,8 +21,11 @@ COLUMNS = ["label", "x", "y", "area", "y0", "x0", "y1", "x1"]
 _BLOCK = 4096
 
 
-def _block_partials(block: np.ndarray, oy: int, ox: int) -> np.ndarray | None:
-    """Per-label (label, n, sum_y, sum_x, min_y, min_x, max_y, max_x) of one block."""
+def _block_partials(block: np.ndarray, oy: int, ox: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-label ids (int64) and (n, sum_y, sum_x, min_y, min_x, max_y, max_x) of one block.
+
+    reliability: the ids stay int64, apart from the float statistics; as float64 two
+    ids above 2**53 (int64 masks) became one cell with a third id."""
     flat = block.ravel()
     fg = np.flatnonzero(flat)
     if fg.size == 0:
@@ -42,8 +45,8 @@ def _block_partials(block: np.ndarray, oy: int, ox: int) -> np.ndarray | None:
     np.minimum.at(minx, inv, cols)
     np.maximum.at(maxy, inv, rows)
     np.maximum.at(maxx, inv, cols)
-    return np.stack(
-        [uniq.astype(np.float64), n, sy + oy * n, sx + ox * n, miny + oy, minx + ox, maxy + oy, maxx + ox],
+    return uniq.astype(np.int64), np.stack(
+        [n, sy + oy * n, sx + ox * n, miny + oy, minx + ox, maxy + oy, maxx + ox],
         axis=1,
     ).astype(np.float64)
 
@@ -74,6 +77,9 @@ def iter_cell_table(labels, *, block: int = _BLOCK, source=None) -> Job[pd.DataF
     for i, (arr, oy, ox) in enumerate(_blocks(labels, block)):
         if arr.min(initial=0) < 0:
             raise InputError(source, "labels must be >= 0 (0 = background)")
+        if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            # reliability: such ids wrapped to negative int64 labels
+            raise InputError(source, f"label ids above {np.iinfo(np.int64).max} (2**63 - 1) are not supported; renumber the cells")
         part = _block_partials(arr, oy, ox)
         if part is not None:
             parts.append(part)
@@ -86,14 +92,16 @@ def _merge(parts: list[np.ndarray]) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series(dtype=np.int64 if c not in ("x", "y") else np.float64) for c in COLUMNS}).set_index(
             pd.Index([], name="label_id", dtype=np.int64), drop=False
         )
-    p = np.concatenate(parts)
-    uniq, inv = np.unique(p[:, 0], return_inverse=True)
+    labs = np.concatenate([q[0] for q in parts])
+    p = np.concatenate([q[1] for q in parts])
+    uniq, inv = np.unique(labs, return_inverse=True)
+    inv = inv.ravel()
     k = uniq.size
-    n = np.bincount(inv, weights=p[:, 1], minlength=k)
-    sy = np.bincount(inv, weights=p[:, 2], minlength=k)
-    sx = np.bincount(inv, weights=p[:, 3], minlength=k)
+    n = np.bincount(inv, weights=p[:, 0], minlength=k)
+    sy = np.bincount(inv, weights=p[:, 1], minlength=k)
+    sx = np.bincount(inv, weights=p[:, 2], minlength=k)
     ext = []
-    for col, fn, init in ((4, np.minimum, np.inf), (5, np.minimum, np.inf), (6, np.maximum, -np.inf), (7, np.maximum, -np.inf)):
+    for col, fn, init in ((3, np.minimum, np.inf), (4, np.minimum, np.inf), (5, np.maximum, -np.inf), (6, np.maximum, -np.inf)):
         out = np.full(k, init)
         fn.at(out, inv, p[:, col])
         ext.append(out.astype(np.int64))

@@ -133,6 +133,10 @@ class Slide:
             "path": str(resolved),
             "size": int(stat.st_size),
             "mtime_ns": int(stat.st_mtime_ns),
+            # reliability: os.utime can put an edited file's mtime back, not its ctime (changed by any
+            # write) or its inode (new for a file replaced by a copy); a false miss only recomputes
+            "ctime_ns": int(stat.st_ctime_ns),
+            "inode": int(stat.st_ino),
             "shape": list(self.shape),
             "level_shapes": [list(lv.shape[:2]) for lv in self.levels],
             "um_per_px": float(self.um_per_px),
