@@ -201,7 +201,7 @@ def iter_predict(
         from .geometry.spots import spots_from_anndata
         from .io.spots import check_spots_on_slide, read_spots
 
-        sp = read_spots(spots, um_per_px=slide.um_per_px, spot_diameter_um=spot_diameter_um)
+        sp = read_spots(spots, um_per_px=slide.um_per_px, spot_diameter_um=spot_diameter_um, image=image)
         check_spots_on_slide(sp, slide.shape)
         spot_obj = spots_from_anndata(sp)
         cells = yield from delegate(iter_cell_table(mask.labels, source=labels))

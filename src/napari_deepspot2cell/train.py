@@ -58,8 +58,10 @@ class TrainInput:
 
     image: Any
     labels: Any
-    spots: Any
+    spots: Any  # None with ``simulate_spots``: the spots are made from the cells' own counts
     cell_truth: Any = None
+    simulate_spots: bool = False  # labels is a single-cell AnnData (centroids + counts), as Xenium/HEST give
+    patch_um: float | None = None  # simulated spots: patch side (default 47.6 um, the reference's 224 px at 0.2125)
     um_per_px: float | None = None
     spot_diameter_um: float | None = None
     cell_diameter_um: float | None = None
@@ -175,6 +177,40 @@ def _truth_values(truth, src: str, cells: pd.DataFrame, assignment, genes: list[
     return out, have
 
 
+def _simulated_spots(inp: TrainInput, mask, slide, cells: pd.DataFrame):
+    """Spots simulated from single-cell data: the counts of the cells of a centroid
+    table (an AnnData whose obs hold the centroids and whose X the counts), summed
+    over the cells inside each patch's disk. Returns the spots and the cells' truth."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from .synthetic import simulate_spots_from_cells
+
+    src = str(inp.labels)
+    if mask is None or mask.centroids is None or Path(str(mask.path)).suffix.lower() != ".h5ad":
+        raise InputError(src, "simulated spots need the cells as an AnnData .h5ad: centroids in obs, counts in X")
+    cells_ad = ad.read_h5ad(inp.labels)
+    X = cells_ad.X
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    if values.size and (values.min() < 0 or not np.allclose(values, np.round(values))):
+        raise InputError(src, "simulated spots need raw integer counts in X")
+    row_of_label = pd.Series(pd.Index(cells_ad.obs_names.astype(str)).get_indexer(mask.centroids["cell_id"].astype(str)),
+                             index=mask.centroids["label"].to_numpy(np.int64))
+    rows = row_of_label.reindex(cells["label"].to_numpy(np.int64)).to_numpy()
+    if (np.isnan(rows) | (rows < 0)).any():
+        raise InputError(src, "some cells of the mask have no row of counts")
+    counts = X[rows.astype(np.int64)]
+    counts = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+    genes = [str(g) for g in cells_ad.var_names]
+    spots, _, _ = simulate_spots_from_cells(mask.labels, cells, counts, genes, um_per_px=slide.um_per_px,
+                                            patch_um=inp.patch_um, spot_diameter_um=inp.spot_diameter_um)
+    spots.uns["deepspot2cell_spots"]["source"] = f"simulated from {Path(src).name}"
+    truth = ad.AnnData(X=counts.astype(np.float32), obs=pd.DataFrame({"label": cells["label"].to_numpy(np.int64)}, index=cells["label"].astype(str).to_numpy()),
+                       var=pd.DataFrame(index=genes))
+    truth.layers["counts"] = truth.X.copy()
+    return spots, truth
+
+
 def _prepare(inp: TrainInput, index: int, n: int) -> Job[_Slide]:
     """Open one slide, its cells and spots; assign cells to spots (no embedding yet)."""
     from .io.masks import CellMask, open_cells
@@ -183,24 +219,35 @@ def _prepare(inp: TrainInput, index: int, n: int) -> Job[_Slide]:
 
     slide = open_slide(inp.image, um_per_px=inp.um_per_px) if isinstance(inp.image, (str, os.PathLike)) else inp.image
     name = inp.name or (Path(inp.image).stem if isinstance(inp.image, (str, os.PathLike)) else f"slide {index + 1}")
+    mask = None
     if isinstance(inp.labels, (str, os.PathLike)):
-        labels = open_cells(inp.labels, slide.shape, slide.um_per_px, cell_diameter_um=inp.cell_diameter_um,
-                            centroid_columns=inp.centroid_columns, slide=slide).labels
+        mask = open_cells(inp.labels, slide.shape, slide.um_per_px, cell_diameter_um=inp.cell_diameter_um,
+                          centroid_columns=inp.centroid_columns, slide=slide)
+        labels = mask.labels
         labels_src = str(inp.labels)
     else:
+        mask = inp.labels if isinstance(inp.labels, CellMask) else None
         labels = inp.labels.labels if isinstance(inp.labels, CellMask) else inp.labels
         labels_src = None
     grid_meta = None
-    if isinstance(inp.spots, (str, os.PathLike)):
+    if inp.simulate_spots:
+        cells = yield from delegate(iter_cell_table(labels, source=labels_src))
+        adata, truth = _simulated_spots(inp, mask, slide, cells)
+        if inp.cell_truth is None:
+            inp = TrainInput(**{**inp.__dict__, "cell_truth": truth})
+        spots_src = str(inp.labels)
+    elif isinstance(inp.spots, (str, os.PathLike)):
         spots_src = str(inp.spots)
-        adata = read_spots(inp.spots, um_per_px=slide.um_per_px, spot_diameter_um=inp.spot_diameter_um)
+        adata = read_spots(inp.spots, um_per_px=slide.um_per_px, spot_diameter_um=inp.spot_diameter_um,
+                           image=inp.image if isinstance(inp.image, (str, os.PathLike)) else None)
         grid_meta = _grid_meta(inp.spots)
     else:
         adata = inp.spots
         spots_src = str(adata.uns.get("deepspot2cell_spots", {}).get("source", f"spots of {name}"))
     check_spots_on_slide(adata, slide.shape)
     yield Progress("opening", index + 1, n, {"slide": name, "um_per_px": float(slide.um_per_px)})
-    cells = yield from delegate(iter_cell_table(labels, source=labels_src))
+    if not inp.simulate_spots:
+        cells = yield from delegate(iter_cell_table(labels, source=labels_src))
     if len(cells) == 0:
         raise InputError(labels_src, "the cell mask holds no cells (all pixels are 0)")
     layout, measured = _layout(adata, grid_meta, slide.shape, cells[["x", "y"]].to_numpy(np.float64), slide.um_per_px, spots_src)
@@ -529,9 +576,14 @@ def add_train_arguments(p) -> None:
     from .cli import _add_common
 
     _add_common(p)
-    p.add_argument("--spots", required=True, help="spot counts: AnnData .h5ad or a Space Ranger output folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spots", help="spot counts: AnnData .h5ad or a Space Ranger output folder")
+    src.add_argument("--simulate-spots", action="store_true",
+                     help="single-cell data: --labels is an AnnData of cells (centroids in obs, counts in X); "
+                          "spots are simulated on a patch grid by summing the counts of the cells inside each")
+    p.add_argument("--patch-um", type=float, default=None, help="simulated spots: patch side in um (default 47.6)")
     p.add_argument("--out", required=True, help="output MODEL.ckpt (MODEL.metrics.json and MODEL.loss.png are written beside it)")
-    p.add_argument("--spot-diameter-um", type=float, default=None, help="spot diameter in um, overriding the file")
+    p.add_argument("--spot-diameter-um", type=float, default=None, help="spot diameter in um, overriding the file (simulated spots: default 34)")
     p.add_argument("--cell-truth", default=None, help="optional cells x genes .h5ad of known per-cell counts, for cell-level metrics")
     p.add_argument("--aggregate", default="counts", choices=["counts", "codes"], help="sum cells' rates in count space (default) or their codes (the reference)")
     p.add_argument("--genes", default=None, help="file of genes to train on, one per line")
@@ -551,10 +603,12 @@ def cmd_train(args) -> int:
 
     out = _out_path(args.out, (".ckpt",))
     for path, what in ((args.image, "slide"), (args.labels, "cell mask"), (args.spots, "spot data")):
-        _existing(path, what)
+        if path is not None:
+            _existing(path, what)
     if args.cell_truth:
         _existing(args.cell_truth, "cell truth")
     inp = TrainInput(image=args.image, labels=args.labels, spots=args.spots, cell_truth=args.cell_truth,
+                     simulate_spots=args.simulate_spots, patch_um=args.patch_um,
                      um_per_px=args.um_per_px, spot_diameter_um=args.spot_diameter_um,
                      cell_diameter_um=args.cell_diameter_um, centroid_columns=_centroid_columns(args.centroid_columns))
     job = iter_train(

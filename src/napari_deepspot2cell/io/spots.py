@@ -72,6 +72,7 @@ def read_spots(
     um_per_px: float,
     spot_diameter_um: float | None = None,
     library_id: str | None = None,
+    image: str | os.PathLike | None = None,
 ) -> anndata.AnnData:
     """Read spot counts and geometry from a Space Ranger folder or an ``.h5ad``.
 
@@ -87,6 +88,11 @@ def read_spots(
     library_id
         The ``uns["spatial"]`` library to use in an ``.h5ad`` holding several;
         when ``obs["library_id"]`` exists, only that library's spots are kept.
+    image
+        The slide the spots will be laid on. When it is the Space Ranger
+        folder's own ``spatial/tissue_hires_image.png`` or ``tissue_lowres_image.png``
+        (datasets often ship no full-resolution image), the full-resolution
+        coordinates and diameter are scaled by that image's scale factor.
 
     Returns
     -------
@@ -119,7 +125,27 @@ def read_spots(
             "or its filtered_feature_bc_matrix.h5",
         )
     adata.uns[SPOTS_UNS_KEY]["source"] = str(path)
+    if image is not None and (path.is_dir() or path.suffix.lower() == ".h5"):
+        _scale_to_spaceranger_image(adata, folder if path.is_dir() else path.parent, Path(image), um_per_px)
     return adata
+
+
+def _scale_to_spaceranger_image(adata, folder: Path, image: Path, um_per_px: float) -> None:
+    """Map full-resolution spot coordinates into the folder's hires/lowres image."""
+    names = {"tissue_hires_image.png": "tissue_hires_scalef", "tissue_lowres_image.png": "tissue_lowres_scalef"}
+    key = names.get(image.name)
+    if key is None or image.resolve().parent != (folder / "spatial").resolve():
+        return
+    factors_path = _find_scalefactors(folder)
+    factors = _read_json(factors_path) if factors_path is not None else {}
+    if key not in factors:
+        raise InputError(factors_path or folder, f"{image.name} is used as the slide but the scale factors lack {key}")
+    scale = _positive(factors[key], factors_path, key)
+    meta = adata.uns[SPOTS_UNS_KEY]
+    adata.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64) * scale
+    meta["diameter_px"] = float(meta["diameter_px"]) * scale
+    meta["diameter_um"] = float(meta["diameter_px"] * um_per_px)
+    meta["image_scale"] = float(scale)
 
 
 def check_spots_on_slide(spots: anndata.AnnData, slide_shape: tuple[int, ...]) -> None:
