@@ -93,7 +93,7 @@ def iter_predict_cells(
         slide, spot_boxes, encoder, device=dev, batch_size=batch_size,
         cache=embedding_cache(cache_dir, slide, encoder, spot_boxes, "spots"), stage="embedding spots",
     )
-    mean, spread, rates = yield from iter_cell_outputs(ckpt.model, emb_cells, emb_spots, context.neighbours, cell_spot, dev)
+    mean, spread, rates, nonfinite = yield from iter_cell_outputs(ckpt.model, emb_cells, emb_spots, context.neighbours, cell_spot, dev)
     obs = pd.DataFrame(
         {
             "label": cells["label"].to_numpy(np.int64),
@@ -106,6 +106,7 @@ def iter_predict_cells(
     )
     if inside is not None:
         obs["inside_spot"] = np.asarray(inside, dtype=bool)
+    obs["nonfinite_replaced"] = nonfinite
     adata = ad.AnnData(X=mean, obs=obs, var=pd.DataFrame(index=pd.Index(list(ckpt.genes), dtype=str)))
     adata.obsm["spatial"] = obs[["x", "y"]].to_numpy(np.float64)
     adata.layers["uncertainty"] = spread
@@ -128,12 +129,13 @@ def iter_predict_cells(
         "image_path": str((source or {}).get("image", "")),
         "labels_path": str((source or {}).get("labels", "")),
         "n_cells": int(len(cells)),
+        "n_nonfinite_replaced": int(nonfinite.sum()),
     }
     return adata
 
 
 def iter_cell_outputs(model, emb_cells, emb_spots, neighbours, cell_spot, device) -> Job:
-    """Job: per-cell (mean, spread, rates) with phi_spot computed once per spot, not per cell."""
+    """Job: per-cell (mean, spread, rates, nonfinite) with phi_spot computed once per spot, not per cell."""
     model = model.to(device).eval()
     n = len(emb_cells)
     with torch.inference_mode():
@@ -156,9 +158,14 @@ def iter_cell_outputs(model, emb_cells, emb_spots, neighbours, cell_spot, device
             if outp.rates is not None:
                 rates.append(outp.rates.float().cpu().numpy())
             yield Progress("prediction", min(s + CODE_BATCH, n), n)
-    mean = np.nan_to_num(np.concatenate(means), nan=0.0, posinf=0.0).astype(np.float32)
-    spread = np.nan_to_num(np.concatenate(spreads), nan=0.0, posinf=0.0).astype(np.float32)
-    return mean, spread, (np.concatenate(rates).astype(np.float32) if rates else None)
+    mean, spread = np.concatenate(means), np.concatenate(spreads)
+    # X is never NaN: a non-finite output (which the model's guards should prevent) becomes 0
+    # and its cell is marked in obs["nonfinite_replaced"]
+    bad = ~(np.isfinite(mean).all(axis=1) & np.isfinite(spread).all(axis=1))
+    mean = np.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    spread = np.nan_to_num(spread, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    rates = np.nan_to_num(np.concatenate(rates), nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32) if rates else None
+    return mean, spread, rates, bad
 
 
 def iter_predict(

@@ -541,7 +541,7 @@ def _metrics(model, data, pool, val_idx, train_idx, val_masks, spot_targets, gen
             from scipy.spatial import cKDTree
 
             cell_spot[far] = cKDTree(s.layout.xy).query(s.cells[["x", "y"]].to_numpy(np.float64)[far])[1]
-        mean, _, _ = run(iter_cell_outputs(model, s.emb_cells, s.emb_spots, s.layout.neighbours, cell_spot, dev))
+        mean, _, _, _ = run(iter_cell_outputs(model, s.emb_cells, s.emb_spots, s.layout.neighbours, cell_spot, dev))
         # baseline: every cell painted with its nearest MEASURED spot's target-scale expression
         meas = np.flatnonzero(s.measured >= 0)
         sub = Spots(ids=s.layout.ids[meas], xy=s.layout.xy[meas], tile_px=s.layout.tile_px, kind=s.layout.kind,

@@ -94,3 +94,20 @@ def test_training_with_a_gene_of_zero_counts(tissue_files, tmp_path):
     adata = run(iter_predict(paths["slide"], paths["labels"], out, device="cpu", cache_dir=tmp_path / "cache"))
     _finite(adata)
     assert np.isfinite(adata[:, zero].X).all()
+
+
+def test_non_finite_outputs_become_zero_and_are_marked():
+    import numpy as np
+    import torch
+
+    from napari_deepspot2cell.model import DeepSpot2Cell
+    from napari_deepspot2cell.predict import iter_cell_outputs
+    from napari_deepspot2cell.progress import run
+
+    model = DeepSpot2Cell(4, 3, n_ensemble=2, phi2rho_size=8, seed=0)
+    emb_cells = np.ones((3, 4), np.float32)
+    emb_cells[1, 0] = np.nan  # a broken embedding
+    emb_spots = np.ones((1, 4), np.float32)
+    mean, spread, rates, bad = run(iter_cell_outputs(model, emb_cells, emb_spots, -np.ones((1, 8), np.int64), np.zeros(3, np.int64), torch.device("cpu")))
+    assert bad.tolist() == [False, True, False]
+    assert np.isfinite(mean).all() and np.isfinite(spread).all() and (mean[1] == 0).all()
