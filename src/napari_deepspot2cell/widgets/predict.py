@@ -330,7 +330,52 @@ def add_opened_mask(viewer, path, slide_layer, um_per_px: float | None = None):
 # ---------------------------------------------------------------- the widget
 
 
-class PredictWidget(QWidget):
+class SlideAndMaskInputs:
+    """The slide and cell-mask inputs the Predict and Train widgets share: layer
+    pickers with Open... buttons, and the pixel-size override.
+
+    Needs ``viewer``, ``image_combo``, ``labels_combo`` and ``um_per_px``."""
+
+    @property
+    def image_layer(self):
+        return self.image_combo.layer
+
+    @property
+    def labels_layer(self):
+        return self.labels_combo.layer
+
+    def _um_override(self) -> float | None:
+        v = float(self.um_per_px.value())
+        return v if v > 0 else None
+
+    def open_slide_file(self, path=None):
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "Open a slide", "", "Slides (*.svs *.tif *.tiff *.ome.tif *.png *.jpg *.jpeg);;All files (*)")
+            if not path:
+                return None
+        try:
+            layer = add_opened_slide(self.viewer, path, self._um_override())
+        except InputError as exc:
+            _show_error(str(exc))
+            return None
+        self.image_combo.set_layer(layer)
+        return layer
+
+    def open_mask_file(self, path=None):
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "Open a cell mask", "", "Cell masks (*.tif *.tiff *.png *.npy *.geojson *.json *.csv *.parquet *.h5ad);;All files (*)")
+            if not path:
+                return None
+        try:
+            layer = add_opened_mask(self.viewer, path, self.image_layer, self._um_override())
+        except InputError as exc:
+            _show_error(str(exc))
+            return None
+        self.labels_combo.set_layer(layer)
+        return layer
+
+
+class PredictWidget(SlideAndMaskInputs, QWidget):
     """Dock widget "Predict expression"."""
 
     def __init__(self, napari_viewer, parent=None):
@@ -413,42 +458,8 @@ class PredictWidget(QWidget):
 
     # ------------------------------------------------------------ inputs
 
-    @property
-    def image_layer(self):
-        return self.image_combo.layer
-
-    @property
-    def labels_layer(self):
-        return self.labels_combo.layer
-
     def set_checkpoint(self, path) -> None:
         self.checkpoint.setText(str(path))
-
-    def open_slide_file(self, path=None):
-        if path is None:
-            path, _ = QFileDialog.getOpenFileName(self, "Open a slide", "", "Slides (*.svs *.tif *.tiff *.ome.tif *.png *.jpg *.jpeg);;All files (*)")
-            if not path:
-                return None
-        try:
-            layer = add_opened_slide(self.viewer, path, self._um_override())
-        except InputError as exc:
-            _show_error(str(exc))
-            return None
-        self.image_combo.set_layer(layer)
-        return layer
-
-    def open_mask_file(self, path=None):
-        if path is None:
-            path, _ = QFileDialog.getOpenFileName(self, "Open a cell mask", "", "Cell masks (*.tif *.tiff *.png *.npy *.geojson *.json);;All files (*)")
-            if not path:
-                return None
-        try:
-            layer = add_opened_mask(self.viewer, path, self.image_layer, self._um_override())
-        except InputError as exc:
-            _show_error(str(exc))
-            return None
-        self.labels_combo.set_layer(layer)
-        return layer
 
     def browse_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "DeepSpot2Cell checkpoint", "", "Checkpoints (*.ckpt *.pt *.pth);;All files (*)")
@@ -471,10 +482,6 @@ class PredictWidget(QWidget):
         finally:
             token = None
         self.login_status.setText("logged in to Hugging Face (token stored by huggingface_hub)")
-
-    def _um_override(self) -> float | None:
-        v = float(self.um_per_px.value())
-        return v if v > 0 else None
 
     # ------------------------------------------------------------ run
 

@@ -41,11 +41,9 @@ from ..progress import Progress
 from . import jobs
 from .predict import (
     LayerPicker,
+    SlideAndMaskInputs,
     _is_rgb_image,
-    _layer_info,
     _show_error,
-    add_opened_mask,
-    add_opened_slide,
     check_same_shape,
     device_row,
     encoder_combo,
@@ -138,7 +136,7 @@ class LossPlot(QWidget):
         self.canvas.draw_idle()
 
 
-class TrainWidget(QWidget):
+class TrainWidget(SlideAndMaskInputs, QWidget):
     """Dock widget "Train DeepSpot2Cell"."""
 
     def __init__(self, napari_viewer, parent=None):
@@ -253,44 +251,6 @@ class TrainWidget(QWidget):
         self.use_button.clicked.connect(self.use_in_predict)
 
     # ------------------------------------------------------------ inputs
-
-    @property
-    def image_layer(self):
-        return self.image_combo.layer
-
-    @property
-    def labels_layer(self):
-        return self.labels_combo.layer
-
-    def _um_override(self) -> float | None:
-        v = float(self.um_per_px.value())
-        return v if v > 0 else None
-
-    def open_slide_file(self, path=None):
-        if path is None:
-            path, _ = QFileDialog.getOpenFileName(self, "Open a slide", "", "Slides (*.svs *.tif *.tiff *.png *.jpg *.jpeg);;All files (*)")
-            if not path:
-                return None
-        try:
-            layer = add_opened_slide(self.viewer, path, self._um_override())
-        except InputError as exc:
-            _show_error(str(exc))
-            return None
-        self.image_combo.set_layer(layer)
-        return layer
-
-    def open_mask_file(self, path=None):
-        if path is None:
-            path, _ = QFileDialog.getOpenFileName(self, "Open a cell mask", "", "Cell masks (*.tif *.tiff *.png *.npy *.geojson *.json);;All files (*)")
-            if not path:
-                return None
-        try:
-            layer = add_opened_mask(self.viewer, path, self.image_layer, self._um_override())
-        except InputError as exc:
-            _show_error(str(exc))
-            return None
-        self.labels_combo.set_layer(layer)
-        return layer
 
     def set_spots(self, path) -> None:
         self.spots.setText(str(path))
