@@ -142,10 +142,15 @@ def iter_cell_outputs(model, emb_cells, emb_spots, neighbours, cell_spot, device
         spots_t = torch.from_numpy(emb_spots).to(device)
         nb = torch.from_numpy(np.asarray(neighbours)).to(device)
         missing = nb < 0
+        # Each spot gathers its K neighbours' embeddings, so a batch of spots costs (1 + K)
+        # times a batch of cells: with CODE_BATCH spots (8 neighbours, 10 phi members) one
+        # batch held ~1.3 GB, and peak RSS grew with the slide until 8192 spots
+        # (benchmarks/RESULTS.md). Batching spots by CODE_BATCH // (1 + K) bounds it like a cell batch.
+        spot_batch = max(1, CODE_BATCH // (1 + int(nb.shape[-1])))
         ctx = torch.cat(
             [
-                model.context_codes(spots_t[s : s + CODE_BATCH], spots_t[nb[s : s + CODE_BATCH].clamp(min=0)], missing[s : s + CODE_BATCH])
-                for s in range(0, len(spots_t), CODE_BATCH)
+                model.context_codes(spots_t[s : s + spot_batch], spots_t[nb[s : s + spot_batch].clamp(min=0)], missing[s : s + spot_batch])
+                for s in range(0, len(spots_t), spot_batch)
             ]
         )
         cs = torch.from_numpy(np.asarray(cell_spot, dtype=np.int64)).to(device)
