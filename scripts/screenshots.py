@@ -3,9 +3,11 @@
     QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py
 
 Opens the shipped sample (File > Open Sample > DeepSpot2Cell demo), docks the
-Gene browser on a gene, then the Predict widget and the Train widget (after a
-short real training run on the sample spots), and saves each window to
-docs/images/.
+Gene browser on a gene, then the Predict widget and the Train widget, and walks
+a new user's path through them: train a small model from the sample spots,
+hand it to Predict with "Use in Predict", predict every cell with it (offline
+encoder). Each step is saved to docs/images/, and the script fails if a step
+gives no result.
 """
 
 from __future__ import annotations
@@ -58,13 +60,13 @@ def main() -> int:
     viewer.window.remove_dock_widget(dock)
 
     predict = PredictWidget(viewer)
-    dock = viewer.window.add_dock_widget(predict, name="Predict expression", area="right")
+    predict_dock = viewer.window.add_dock_widget(predict, name="Predict expression", area="right")
     predict.set_checkpoint(sample_paths()["checkpoint"])
     save(viewer, "napari_predict_widget.png")
-    viewer.window.remove_dock_widget(dock)
+    viewer.window.remove_dock_widget(predict_dock)
 
     train = TrainWidget(viewer)
-    viewer.window.add_dock_widget(train, name="Train DeepSpot2Cell", area="right")
+    train_dock = viewer.window.add_dock_widget(train, name="Train DeepSpot2Cell", area="right")
     with tempfile.TemporaryDirectory() as tmp:
         train.set_spots(sample_paths()["spots"])
         train.output.setText(str(Path(tmp) / "model.ckpt"))
@@ -73,7 +75,21 @@ def main() -> int:
         train.hidden.setValue(128)
         train.lr.setText("1e-3")
         train.run()
+        if train.last_result is None:
+            raise SystemExit("training from the widget gave no checkpoint")
         save(viewer, "napari_train_widget.png")
+
+        viewer.window.add_dock_widget(predict, name="Predict expression", area="right")
+        train.use_in_predict()
+        if Path(predict.checkpoint.text()) != Path(train.last_result.checkpoint):
+            raise SystemExit("Use in Predict did not hand over the checkpoint")
+        viewer.window.remove_dock_widget(train_dock)
+        n_layers = len(viewer.layers)
+        predict.run()
+        if predict.last_result is None or len(viewer.layers) <= n_layers:
+            raise SystemExit("Predict with the new checkpoint added no layers")
+        print(f"predicted {predict.last_result.n_obs} cells with the checkpoint trained in the widget")
+        save(viewer, "napari_predict_after_training.png")
     viewer.close()
     return 0
 
