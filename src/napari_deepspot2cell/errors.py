@@ -19,5 +19,18 @@ class InputError(Exception):
         super().__init__(self.problem if self.source is None else f"{self.source}: {self.problem}")
 
 
+def positive_number(source, value, what: str) -> float:
+    """`value` as a finite float > 0, else an InputError saying `what` is wrong."""
+    import math
+
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(source, f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise InputError(source, f"{what} must be positive, got {value!r}")
+    return number
+
+
 class Cancelled(Exception):
     """The user stopped a long operation; finished work (cache chunks) is kept."""

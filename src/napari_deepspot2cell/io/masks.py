@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from napari_deepspot2cell.errors import InputError
+from napari_deepspot2cell.errors import InputError, positive_number
 
 _CHUNK = 1024
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -92,14 +92,14 @@ def open_cells(
     """
     path = Path(path)
     shape = _check_shape(path, slide_shape)
-    um_per_px = _positive(path, um_per_px, "pixel size (um per px)")
+    um_per_px = positive_number(path, um_per_px, "pixel size (um per px)")
     if not path.is_file():
         raise InputError(path, "no such file")
     name = path.name.lower()
     if name.endswith(_TABLE_SUFFIXES):
         if cell_diameter_um is None:
             raise InputError(path, "--cell-diameter-um is needed for centroid tables")
-        diameter = _positive(path, cell_diameter_um, "--cell-diameter-um")
+        diameter = positive_number(path, cell_diameter_um, "--cell-diameter-um")
         table = _read_table(path)
         return _centroid_cells(path, table, shape, um_per_px, diameter, centroid_columns, centroid_units, slide)
     if name.endswith(_GEOJSON_SUFFIXES):
@@ -115,16 +115,6 @@ def _check_shape(path: Path, slide_shape) -> tuple[int, int]:
     if h <= 0 or w <= 0:
         raise InputError(path, f"the slide shape {h} x {w} is empty")
     return h, w
-
-
-def _positive(path: Path, value, what: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InputError(path, f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise InputError(path, f"{what} must be positive, got {value}")
-    return value
 
 
 def _short(exc: BaseException) -> str:

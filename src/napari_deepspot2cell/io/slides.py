@@ -25,7 +25,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from napari_deepspot2cell.errors import InputError
+from napari_deepspot2cell.errors import InputError, positive_number
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def open_slide(path, um_per_px: float | None = None) -> Slide:
     """
     path = Path(path)
     if um_per_px is not None:
-        um_per_px = _check_pixel_size(path, um_per_px, "--um-per-px")
+        um_per_px = positive_number(path, um_per_px, "--um-per-px")
     if not path.is_file():
         raise InputError(path, "no such file")
     try:
@@ -226,16 +226,6 @@ def open_slide(path, um_per_px: float | None = None) -> Slide:
             handle.close()
         raise
     return Slide(path=path, levels=levels, um_per_px=float(mpp), _readers=readers, _handle=handle)
-
-
-def _check_pixel_size(source, value, what: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InputError(source, f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise InputError(source, f"{what} must be a positive number of um per pixel, got {value}")
-    return value
 
 
 # ---------------------------------------------------------------- TIFF

@@ -32,7 +32,6 @@ No Qt, no napari, no pickle: AnnData files are read with anndata (HDF5 only).
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -43,7 +42,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from napari_deepspot2cell.errors import InputError
+from napari_deepspot2cell.errors import InputError, positive_number
 
 if TYPE_CHECKING:
     import anndata
@@ -105,9 +104,9 @@ def read_spots(
         For every problem with the input, naming the file.
     """
     path = Path(path)
-    um_per_px = _positive(um_per_px, path, "pixel size (--um-per-px)")
+    um_per_px = positive_number(path, um_per_px, "pixel size (--um-per-px)")
     if spot_diameter_um is not None:
-        spot_diameter_um = _positive(spot_diameter_um, path, "spot diameter (--spot-diameter-um)")
+        spot_diameter_um = positive_number(path, spot_diameter_um, "spot diameter (--spot-diameter-um)")
     if not path.exists():
         raise InputError(path, "no such file or folder")
 
@@ -140,7 +139,7 @@ def _scale_to_spaceranger_image(adata, folder: Path, image: Path, um_per_px: flo
     factors = _read_json(factors_path) if factors_path is not None else {}
     if key not in factors:
         raise InputError(factors_path or folder, f"{image.name} is used as the slide but the scale factors lack {key}")
-    scale = _positive(factors[key], factors_path, key)
+    scale = positive_number(factors_path, factors[key], key)
     meta = adata.uns[SPOTS_UNS_KEY]
     adata.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64) * scale
     meta["diameter_px"] = float(meta["diameter_px"]) * scale
@@ -185,16 +184,6 @@ def _quiet_duplicate_names():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".* names are not unique", category=UserWarning)
         yield
-
-
-def _positive(value, source, what: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(source, f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise InputError(source, f"{what} must be a positive number, got {value!r}")
-    return v
 
 
 def _find_matrix(folder: Path) -> Path:
@@ -320,7 +309,7 @@ def _read_spaceranger(folder: Path, matrix: Path | None, um_per_px: float, spot_
             raise InputError(
                 scalefactors_path, "no spot_diameter_fullres; pass --spot-diameter-um"
             )
-        diameter_px = _positive(factors["spot_diameter_fullres"], scalefactors_path, "spot_diameter_fullres")
+        diameter_px = positive_number(scalefactors_path, factors["spot_diameter_fullres"], "spot_diameter_fullres")
 
     try:
         with _quiet_duplicate_names():
@@ -423,13 +412,11 @@ def _read_h5ad(path: Path, um_per_px: float, spot_diameter_um, library_id: str |
         lib = _library(uns, library_id, path, required=True)
         factors = lib.get("scalefactors") if isinstance(lib, dict) else None
         if isinstance(factors, dict) and factors.get("spot_diameter_fullres") is not None:
-            diameter_px = _positive(
-                factors["spot_diameter_fullres"], path, "uns['spatial'] spot_diameter_fullres"
-            )
+            diameter_px = positive_number(path, factors["spot_diameter_fullres"], "uns['spatial'] spot_diameter_fullres")
         else:
             meta_path, meta = _hest_metadata(path)
             if meta is not None and meta.get("spot_diameter") is not None:
-                diameter_um = _positive(meta["spot_diameter"], meta_path, "spot_diameter (um)")
+                diameter_um = positive_number(meta_path, meta["spot_diameter"], "spot_diameter (um)")
                 diameter_px = diameter_um / um_per_px
         if diameter_px is None:
             raise InputError(
