@@ -9,7 +9,6 @@ import json
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import tifffile
 from hypothesis import HealthCheck, event, given, settings

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from rel_helpers import predict_args, run_cli
 
