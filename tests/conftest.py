@@ -22,3 +22,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def no_job_left_running(qtbot):
+    """A GUI test that fails mid-run must not leave its job holding the one job slot."""
+    yield
+    from napari_deepspot2cell.widgets import jobs
+
+    running = jobs.current_job()
+    if running is not None:
+        running.cancel()
+        qtbot.waitUntil(lambda: running.done, timeout=60000)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from helpers_model import save_untrained_checkpoint
 
 from napari_deepspot2cell.cli import main
 
@@ -42,19 +43,7 @@ def cmu1(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from napari_deepspot2cell.encoders import get_encoder
-    from napari_deepspot2cell.model import DeepSpot2Cell
-    from napari_deepspot2cell.model.checkpoint import save_checkpoint
-
-    enc = get_encoder("offline")
-    model = DeepSpot2Cell(enc.dim, len(GENES), n_ensemble=3, phi2rho_size=32, seed=0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
-    save_checkpoint(
-        path, model, genes=GENES, encoder={"id": enc.id, "dim": enc.dim, "weights_hash": enc.weights_hash},
-        geometry={"cell_tile": "max_side", "spot_kind": "grid", "patch_um": 47.6, "spot_tile_um": 47.6, "neighbours": "grid8", "um_per_px": 0.2125},
-        target={"normalisation": "log1p_cp10k", "scale": 1e4},
-    )
-    return path
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.ckpt", GENES, um_per_px=0.2125)
 
 
 def test_predict_writes_the_output_contract(cmu1, checkpoint, tmp_path, capsys):

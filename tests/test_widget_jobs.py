@@ -11,19 +11,7 @@ import pytest
 from napari_deepspot2cell.errors import InputError
 from napari_deepspot2cell.progress import Progress
 
-pytestmark = pytest.mark.gui
-
-
-@pytest.fixture(autouse=True)
-def _no_job_left_running(qtbot):
-    """A test that fails mid-run must not leave its job holding the one job slot."""
-    yield
-    from napari_deepspot2cell.widgets import jobs
-
-    running = jobs.current_job()
-    if running is not None:
-        running.cancel()
-        qtbot.waitUntil(lambda: running.done, timeout=60000)
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("no_job_left_running")]
 
 
 def _records_since(n):

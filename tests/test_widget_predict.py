@@ -6,20 +6,10 @@ import logging
 
 import numpy as np
 import pytest
+from helpers_model import save_untrained_checkpoint
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("no_job_left_running")]
 
-
-@pytest.fixture(autouse=True)
-def _no_job_left_running(qtbot):
-    """A test that fails mid-run must not leave its job holding the one job slot."""
-    yield
-    from napari_deepspot2cell.widgets import jobs
-
-    running = jobs.current_job()
-    if running is not None:
-        running.cancel()
-        qtbot.waitUntil(lambda: running.done, timeout=60000)
 
 GENES = ["SIM_A", "SIM_B", "SIM_C", "SIM_D", "SIM_E"]
 
@@ -33,20 +23,7 @@ def tissue():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from napari_deepspot2cell.encoders import get_encoder
-    from napari_deepspot2cell.model import DeepSpot2Cell
-    from napari_deepspot2cell.model.checkpoint import save_checkpoint
-
-    enc = get_encoder("offline")
-    model = DeepSpot2Cell(enc.dim, len(GENES), n_ensemble=3, phi2rho_size=32, seed=0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
-    save_checkpoint(
-        path, model, genes=GENES, encoder={"id": enc.id, "dim": enc.dim, "weights_hash": enc.weights_hash},
-        geometry={"cell_tile": "max_side", "spot_kind": "grid", "patch_um": 47.6, "spot_tile_um": 47.6,
-                  "neighbours": "grid8", "um_per_px": 0.5},
-        target={"normalisation": "log1p_cp10k", "scale": 1e4},
-    )
-    return path
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.ckpt", GENES, um_per_px=0.5)
 
 
 @pytest.fixture
