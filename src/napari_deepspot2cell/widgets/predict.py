@@ -331,10 +331,43 @@ def add_opened_mask(viewer, path, slide_layer, um_per_px: float | None = None):
 
 
 class SlideAndMaskInputs:
-    """The slide and cell-mask inputs the Predict and Train widgets share: layer
-    pickers with Open... buttons, and the pixel-size override.
+    """What the Predict and Train widgets share: the slide and cell-mask inputs
+    (layer pickers with Open... buttons, the pixel-size override) and starting,
+    cancelling and finishing their one job.
 
-    Needs ``viewer``, ``image_combo``, ``labels_combo`` and ``um_per_px``."""
+    Needs ``viewer``, ``image_combo``, ``labels_combo``, ``um_per_px``,
+    ``run_button``, ``cancel_button``, ``status``, ``running`` and the
+    ``_on_result`` / ``_on_event`` / ``_on_cancelled`` callbacks."""
+
+    cancel_message = "cancelling…"
+
+    def _start(self, job, name: str):
+        running = jobs.start_job(
+            job, name=name,
+            on_result=self._on_result, on_event=self._on_event, on_cancelled=self._on_cancelled,
+            on_error=self._on_error, on_finished=self._on_finished,
+        )
+        if running is not None and not running.done:
+            self.running = running
+            self.run_button.setEnabled(False)
+            self.cancel_button.setEnabled(True)
+        return running
+
+    def cancel(self) -> None:
+        if self.running is not None and not self.running.done:
+            self.running.cancel()
+            self.status.setText(self.cancel_message)
+
+    def _on_error(self, exc) -> None:
+        self.status.setText(" ".join(str(exc).split()))
+
+    def _on_finished(self, running) -> None:
+        self.running = None
+        try:
+            self.run_button.setEnabled(True)
+            self.cancel_button.setEnabled(False)
+        except RuntimeError:  # the widget was closed meanwhile
+            pass
 
     @property
     def image_layer(self):
@@ -525,21 +558,7 @@ class PredictWidget(SlideAndMaskInputs, QWidget):
         )
         self._pending = pending
         self.status.setText("running…")
-        running = jobs.start_job(
-            job, name="DeepSpot2Cell predict",
-            on_result=self._on_result, on_event=self._on_event, on_cancelled=self._on_cancelled,
-            on_error=self._on_error, on_finished=self._on_finished,
-        )
-        if running is not None and not running.done:
-            self.running = running
-            self.run_button.setEnabled(False)
-            self.cancel_button.setEnabled(True)
-        return running
-
-    def cancel(self) -> None:
-        if self.running is not None and not self.running.done:
-            self.running.cancel()
-            self.status.setText("cancelling…")
+        return self._start(job, "DeepSpot2Cell predict")
 
     def _on_event(self, event: Progress) -> None:
         total = f"/{event.total}" if event.total else ""
@@ -562,17 +581,9 @@ class PredictWidget(SlideAndMaskInputs, QWidget):
     def _on_cancelled(self) -> None:
         self.status.setText("cancelled; no layers were added")
 
-    def _on_error(self, exc) -> None:
-        self.status.setText(" ".join(str(exc).split()))
-
     def _on_finished(self, running) -> None:
         self._pending = None
-        self.running = None
-        try:
-            self.run_button.setEnabled(True)
-            self.cancel_button.setEnabled(False)
-        except RuntimeError:  # the widget was closed meanwhile
-            pass
+        super()._on_finished(running)
 
     # ------------------------------------------------------------ uncertainty
 

@@ -139,6 +139,8 @@ class LossPlot(QWidget):
 class TrainWidget(SlideAndMaskInputs, QWidget):
     """Dock widget "Train DeepSpot2Cell"."""
 
+    cancel_message = "cancelling… (the best model so far is kept)"
+
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -322,21 +324,7 @@ class TrainWidget(SlideAndMaskInputs, QWidget):
         self._started_at = time.time()
         self._out_at_press = out
         self.status.setText("training…")
-        running = jobs.start_job(
-            job, name="DeepSpot2Cell train",
-            on_result=self._on_result, on_event=self._on_event, on_cancelled=self._on_cancelled,
-            on_error=self._on_error, on_finished=self._on_finished,
-        )
-        if running is not None and not running.done:
-            self.running = running
-            self.run_button.setEnabled(False)
-            self.cancel_button.setEnabled(True)
-        return running
-
-    def cancel(self) -> None:
-        if self.running is not None and not self.running.done:
-            self.running.cancel()
-            self.status.setText("cancelling… (the best model so far is kept)")
+        return self._start(job, "DeepSpot2Cell train")
 
     def _on_event(self, event: Progress) -> None:
         if event.stage == "training":
@@ -373,17 +361,6 @@ class TrainWidget(SlideAndMaskInputs, QWidget):
             self.status.setText(f"cancelled; the best model so far is at {out}")
         else:
             self.status.setText("cancelled before the first epoch ended; nothing was written")
-
-    def _on_error(self, exc) -> None:
-        self.status.setText(" ".join(str(exc).split()))
-
-    def _on_finished(self, running) -> None:
-        self.running = None
-        try:
-            self.run_button.setEnabled(True)
-            self.cancel_button.setEnabled(False)
-        except RuntimeError:
-            pass
 
     # ------------------------------------------------------------ hand over
 
