@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from napari_deepspot2cell.errors import InputError, positive_number
+from napari_deepspot2cell.io.slides import _short
 
 _CHUNK = 1024
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -117,10 +118,6 @@ def _check_shape(path: Path, slide_shape) -> tuple[int, int]:
     return h, w
 
 
-def _short(exc: BaseException) -> str:
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:160]
-
-
 def _name() -> str:
     # dask would otherwise hash the arguments (polygon lists, KD-trees) to name the graph
     return f"cells-{uuid.uuid4().hex}"
@@ -156,16 +153,12 @@ def _read_npy(path: Path):
 
 
 def _read_label_tiff(path: Path):
-    import tifffile
     import zarr
 
+    from napari_deepspot2cell.io.slides import open_tiff
+
+    tif = open_tiff(path)
     try:
-        tif = tifffile.TiffFile(path)
-    except Exception as exc:  # tifffile raises many kinds for damaged files
-        raise InputError(path, f"not a readable TIFF ({_short(exc)})") from exc
-    try:
-        if not tif.series:
-            raise InputError(path, "the TIFF holds no image")
         return zarr.open_array(tif.series[0].aszarr(level=0), mode="r"), tif
     except InputError:
         tif.close()

@@ -231,17 +231,25 @@ def open_slide(path, um_per_px: float | None = None) -> Slide:
 # ---------------------------------------------------------------- TIFF
 
 
-def _open_tiff(path: Path) -> tuple[list[_Level], float | None, Any]:
+def open_tiff(path: Path):
+    """The TiffFile of `path`, or one InputError when it cannot be read or holds no image."""
     import tifffile
-    import zarr
 
     try:
         tif = tifffile.TiffFile(path)
     except Exception as exc:  # tifffile raises many kinds for damaged files
         raise InputError(path, f"not a readable TIFF ({_short(exc)})") from exc
+    if not tif.series:
+        tif.close()
+        raise InputError(path, "the TIFF holds no image")
+    return tif
+
+
+def _open_tiff(path: Path) -> tuple[list[_Level], float | None, Any]:
+    import zarr
+
+    tif = open_tiff(path)
     try:
-        if not tif.series:
-            raise InputError(path, "the TIFF holds no image")
         series = tif.series[0]
         levels = list(series.levels)
         stores = [series.aszarr(level=i) for i in range(len(levels))]
