@@ -6,24 +6,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_gui import grid_cells
 from qtpy.QtCore import QPoint, Qt
 
 pytestmark = pytest.mark.gui
 
 GENES = ["CD3E", "CD4", "MS4A1", "EPCAM", "KRT19", "PTPRC", "COL1A1", "ACTA2"]
-
-
-def _grid_cells(rows=4, cols=6, side=40, gap=10):
-    labels = np.zeros((rows * (side + gap) + gap, cols * (side + gap) + gap), np.int32)
-    centres = {}
-    k = 0
-    for i in range(rows):
-        for j in range(cols):
-            k += 1
-            y0, x0 = gap + i * (side + gap), gap + j * (side + gap)
-            labels[y0 : y0 + side, x0 : x0 + side] = k * 3  # ids not 1..n: rows are found by label
-            centres[k * 3] = (y0 + side / 2, x0 + side / 2)
-    return labels, centres
 
 
 def _predictions(labels_ids, genes=GENES, seed=0):
@@ -45,7 +33,7 @@ def setup(make_napari_viewer, qtbot):
     from napari_deepspot2cell.widgets.layers import add_prediction_layers
 
     viewer = make_napari_viewer(show=True)
-    labels, centres = _grid_cells()
+    labels, centres = grid_cells(id_step=3)  # ids not 1..n: rows are found by label
     adata = _predictions(sorted(centres))
     image, cells = add_prediction_layers(viewer, adata, labels, scale=0.5)
     widget = GeneBrowser(viewer)
@@ -80,7 +68,7 @@ def test_filter_stays_correct_on_20000_genes(make_napari_viewer):
     from napari_deepspot2cell.widgets.layers import add_prediction_layers
 
     viewer = make_napari_viewer()
-    labels, centres = _grid_cells(2, 2)
+    labels, centres = grid_cells(2, 2, id_step=3)
     genes = [f"G{i:05d}" for i in range(20_000)]
     adata = _predictions(sorted(centres), genes=genes)
     add_prediction_layers(viewer, adata, labels)
@@ -187,7 +175,7 @@ def test_layer_combo_follows_the_viewer(setup):
     from napari_deepspot2cell.widgets.layers import add_prediction_layers
 
     viewer, widget, adata, image, cells, centres = setup
-    labels2, centres2 = _grid_cells(2, 3)
+    labels2, centres2 = grid_cells(2, 3, id_step=3)
     adata2 = _predictions(sorted(centres2), genes=["X1", "X2"])
     image2, cells2 = add_prediction_layers(viewer, adata2, labels2)
     assert widget.layer_combo.count() == 2

@@ -9,6 +9,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_gui import grid_cells
 
 from napari_deepspot2cell import paint as P
 
@@ -139,19 +140,6 @@ def test_robust_limits():
 # ---------------------------------------------------------------- in a real viewer
 
 
-def _grid_cells(rows=4, cols=6, side=40, gap=10):
-    labels = np.zeros((rows * (side + gap) + gap, cols * (side + gap) + gap), np.int32)
-    centres = {}
-    k = 0
-    for i in range(rows):
-        for j in range(cols):
-            k += 1
-            y0, x0 = gap + i * (side + gap), gap + j * (side + gap)
-            labels[y0 : y0 + side, x0 : x0 + side] = k
-            centres[k] = (y0 + side / 2, x0 + side / 2)
-    return labels, centres
-
-
 def _predictions(n, genes=("A", "B", "C"), seed=0):
     rng = np.random.default_rng(seed)
     X = rng.random((n, len(genes))).astype(np.float32) * 4
@@ -164,7 +152,7 @@ def test_update_gene_changes_displayed_values(make_napari_viewer):
     from napari_deepspot2cell.widgets.layers import add_prediction_layers, update_gene
 
     viewer = make_napari_viewer()
-    labels, centres = _grid_cells()
+    labels, centres = grid_cells()
     adata = _predictions(len(centres))
     um = 0.5
     image, cells = add_prediction_layers(viewer, adata, labels, gene="A", scale=um)
@@ -194,7 +182,7 @@ def test_screenshot_cells_take_colormap_colours_background_does_not(make_napari_
     from napari_deepspot2cell.widgets.layers import add_prediction_layers
 
     viewer = make_napari_viewer(show=True)
-    labels, centres = _grid_cells()
+    labels, centres = grid_cells()
     # a pure green backdrop under the paint: unpainted (NaN) pixels must let it through
     viewer.add_image(np.ones(labels.shape, np.float32), colormap="green", contrast_limits=(0, 1), name="under")
     adata = _predictions(len(centres), seed=3)

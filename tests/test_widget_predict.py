@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+from helpers_gui import n_notes, notes_since, wait_done
 from helpers_model import save_untrained_checkpoint
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("no_job_left_running")]
@@ -49,23 +50,6 @@ def _add_inputs(viewer, tissue, name="slide", translate=(0.0, 0.0), labels=None)
     return image, cells
 
 
-def _wait(qtbot, running, timeout=60000):
-    assert running is not None
-    qtbot.waitUntil(lambda: running.done, timeout=timeout)
-
-
-def _notes_since(n):
-    from napari.utils.notifications import notification_manager
-
-    return [str(r.message) for r in notification_manager.records[n:]]
-
-
-def _n_notes():
-    from napari.utils.notifications import notification_manager
-
-    return len(notification_manager.records)
-
-
 def _pixel_of(labels, label):
     ys, xs = np.nonzero(labels == label)
     return int(ys[len(ys) // 2]), int(xs[len(xs) // 2])
@@ -81,7 +65,7 @@ def test_run_adds_the_painted_and_cells_layers(viewer, widget, tissue, qtbot):
     running = widget.run()
     assert running.worker is not None  # the real thread
     assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
-    _wait(qtbot, running)
+    wait_done(qtbot, running)
     assert running.status == "ok", widget.status.text()
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 
@@ -122,7 +106,7 @@ def test_results_go_to_the_layers_chosen_at_press_time(viewer, widget, tissue, q
     # the user switches both inputs while the job runs
     widget.image_combo.set_layer(b_img)
     widget.labels_combo.set_layer(b_cells)
-    _wait(qtbot, running)
+    wait_done(qtbot, running)
     assert running.status == "ok"
     out_cells = next(ly for ly in viewer.layers if ly.name == CELLS_NAME)
     np.testing.assert_allclose(out_cells.translate, a_img.translate)
@@ -148,7 +132,7 @@ def test_cancel_during_a_real_run_leaves_the_layers_as_they_were(viewer, widget,
 
     running = widget.run()
     running._on_event = _chain(running._on_event, on_event)
-    _wait(qtbot, running)
+    wait_done(qtbot, running)
     assert running.status == "cancelled"
     assert "prediction" not in stages  # it stopped early, not at the end
     assert [(ly, ly.name) for ly in viewer.layers] == before
@@ -172,11 +156,11 @@ def test_a_file_that_is_not_a_checkpoint_is_one_notification_and_no_layers(viewe
     widget.checkpoint.setText(str(bad))
     widget.image_combo.set_layer(image)
     widget.labels_combo.set_layer(cells)
-    n, before = _n_notes(), list(viewer.layers)
+    n, before = n_notes(), list(viewer.layers)
     running = widget.run()
-    _wait(qtbot, running)
+    wait_done(qtbot, running)
     assert running.status == "error"
-    notes = _notes_since(n)
+    notes = notes_since(n)
     assert len(notes) == 1 and "not_a_model.ckpt" in notes[0] and "\n" not in notes[0]
     assert list(viewer.layers) == before and widget.last_result is None
     assert widget.run_button.isEnabled()
@@ -187,9 +171,9 @@ def test_mismatched_mask_is_refused_before_running(viewer, widget, tissue):
     small = viewer.add_labels(tissue.labels[:100, :100], name="small")
     widget.image_combo.set_layer(image)
     widget.labels_combo.set_layer(small)
-    n = _n_notes()
+    n = n_notes()
     assert widget.run() is None
-    notes = _notes_since(n)
+    notes = notes_since(n)
     assert len(notes) == 1 and notes[0].startswith("small:") and "same level-0 shape" in notes[0]
 
 
@@ -202,11 +186,11 @@ def test_pressing_run_twice_refuses_the_second_job(viewer, widget, tissue, qtbot
     widget.labels_combo.set_layer(cells)
     n_layers = len(viewer.layers)
     first = widget.run()
-    n = _n_notes()
+    n = n_notes()
     widget.run_button.setEnabled(True)  # even if the button were pressed again
     widget.run_button.click()
-    assert jobs.BUSY_MESSAGE in _notes_since(n)
-    _wait(qtbot, first)
+    assert jobs.BUSY_MESSAGE in notes_since(n)
+    wait_done(qtbot, first)
     assert first.status == "ok"
     assert len(viewer.layers) == n_layers + 2
     assert [ly.name for ly in viewer.layers].count(CELLS_NAME) == 1
@@ -228,7 +212,7 @@ def test_token_is_stored_by_login_and_never_leaks(viewer, widget, tissue, qtbot,
         widget.image_combo.set_layer(image)
         widget.labels_combo.set_layer(cells)
         running = widget.run()
-        _wait(qtbot, running)
+        wait_done(qtbot, running)
     assert running.status == "ok"
     for layer in viewer.layers:
         info = layer.metadata.get("deepspot2cell", {})
@@ -251,9 +235,9 @@ def test_failed_login_does_not_echo_the_token(widget, monkeypatch):
 
     monkeypatch.setattr(predict_widget, "hf_login", refuse)
     widget.token.setText(fake)
-    n = _n_notes()
+    n = n_notes()
     widget.log_in()
-    notes = _notes_since(n)
+    notes = notes_since(n)
     assert len(notes) == 1 and "login failed" in notes[0] and fake not in notes[0]
     assert widget.token.text() == ""
 
@@ -269,7 +253,7 @@ def test_open_files_then_predict_records_the_paths(viewer, widget, tissue, qtbot
     assert widget.labels_layer is mask_layer
     np.testing.assert_array_equal(np.asarray(mask_layer.data), tissue.labels)
     running = widget.run()
-    _wait(qtbot, running)
+    wait_done(qtbot, running)
     assert running.status == "ok"
     info = widget.last_result.uns["deepspot2cell"]
     assert info["image_path"].endswith("slide.tif") and info["labels_path"].endswith("labels.tif")
@@ -278,9 +262,9 @@ def test_open_files_then_predict_records_the_paths(viewer, widget, tissue, qtbot
 
 def test_a_mask_needs_a_slide_first(widget, tmp_path):
     np.save(tmp_path / "m.npy", np.zeros((8, 8), np.int32))
-    n = _n_notes()
+    n = n_notes()
     assert widget.open_mask_file(tmp_path / "m.npy") is None
-    assert "slide first" in _notes_since(n)[0]
+    assert "slide first" in notes_since(n)[0]
 
 
 def test_combos_follow_the_viewer_layers(viewer, widget, tissue):
@@ -313,7 +297,7 @@ def test_uncertainty_layer_on_demand(viewer, widget, tissue, qtbot):
     widget.labels_combo.set_layer(cells)
     widget.uncertainty.setChecked(True)
     running = widget.run()
-    _wait(qtbot, running)
+    wait_done(qtbot, running)
     unc = next(ly for ly in viewer.layers if ly.name == UNCERTAINTY_PREFIX + GENES[0])
     adata = widget.last_result
     label = int(adata.obs["label"].iloc[3])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers_gui import n_notes, notes_since, wait_done
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("no_job_left_running")]
 
@@ -41,23 +42,6 @@ def widget(viewer, tissue_files):
     return w
 
 
-def _wait(qtbot, running, timeout=120000):
-    assert running is not None
-    qtbot.waitUntil(lambda: running.done, timeout=timeout)
-
-
-def _notes_since(n):
-    from napari.utils.notifications import notification_manager
-
-    return [str(r.message) for r in notification_manager.records[n:]]
-
-
-def _n_notes():
-    from napari.utils.notifications import notification_manager
-
-    return len(notification_manager.records)
-
-
 def test_defaults_are_the_reference_ones(widget, tissue_files):
     from napari_deepspot2cell.widgets.train import TrainWidget
 
@@ -86,7 +70,7 @@ def test_trains_two_epochs_plots_the_losses_and_hands_over(viewer, widget, tissu
     widget.max_epochs.setValue(2)
     running = widget.run()
     assert running.worker is not None
-    _wait(qtbot, running)
+    wait_done(qtbot, running, timeout=120000)
     assert running.status == "ok", widget.status.text()
     # the live plot got one point per epoch, for both losses
     assert widget.plot.epochs == [1, 2]
@@ -115,14 +99,14 @@ def test_use_in_predict_without_a_predict_widget_says_so(widget):
     from pathlib import Path
 
     widget.last_checkpoint = Path("/x/model.ckpt")
-    n = _n_notes()
+    n = n_notes()
     # other tests' Predict widgets are gone with their viewers
     from napari_deepspot2cell.widgets.predict import open_predict_widgets
 
     if open_predict_widgets(widget.viewer):
         pytest.skip("a Predict widget from another test is still alive")
     assert widget.use_in_predict() is None
-    assert any("Predict expression" in m for m in _notes_since(n))
+    assert any("Predict expression" in m for m in notes_since(n))
 
 
 def test_cancel_during_training_keeps_the_best_model(widget, qtbot, tmp_path):
@@ -135,7 +119,7 @@ def test_cancel_during_training_keeps_the_best_model(widget, qtbot, tmp_path):
     running = widget.run()
     qtbot.waitUntil(lambda: len(widget.plot.epochs) >= 2, timeout=120000)
     widget.cancel_button.click()
-    _wait(qtbot, running)
+    wait_done(qtbot, running, timeout=120000)
     assert running.status == "cancelled"
     assert out.is_file() and widget.last_checkpoint == out and widget.use_button.isEnabled()
     assert "best model so far" in widget.status.text()
@@ -148,18 +132,18 @@ def test_bad_spot_data_is_one_notification(widget, qtbot, tmp_path):
     bad.write_bytes(b"not an h5ad")
     widget.set_spots(bad)
     widget.output.setText(str(tmp_path / "m.ckpt"))
-    n = _n_notes()
+    n = n_notes()
     running = widget.run()
-    _wait(qtbot, running)
+    wait_done(qtbot, running, timeout=120000)
     assert running.status == "error"
-    notes = _notes_since(n)
+    notes = notes_since(n)
     assert len(notes) == 1 and "spots.h5ad" in notes[0] and "\n" not in notes[0]
     assert not (tmp_path / "m.ckpt").exists()
 
     widget.set_spots(tmp_path / "missing.h5ad")
-    n = _n_notes()
+    n = n_notes()
     assert widget.run() is None
-    assert [m for m in _notes_since(n) if m.endswith("missing.h5ad: no such file or folder")]
+    assert [m for m in notes_since(n) if m.endswith("missing.h5ad: no such file or folder")]
 
 
 def test_metrics_rows_read_the_training_metrics():
