@@ -704,3 +704,24 @@ def test_random_weights_encoder_for_benchmarks():
     with torch.no_grad():
         out = enc(x)
     assert out.shape == (3, 192) and torch.isfinite(out).all()
+
+
+def test_half_precision_weights_run_as_they_are(tiny_model, tmp_path):
+    # gpu.py measures an encoder whose weights are cast to bf16: float32 tiles must not
+    # fail on a dtype mismatch, and an autocast around it (embed.py's, which on CUDA
+    # lifts LayerNorm to float32) must be off inside
+    enc = get_encoder(f"timm:{TINY}", weights=_save(tiny_model.state_dict(), tmp_path / "w.pth"))
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = enc(x)
+        enc.model.to(torch.bfloat16)
+        half = enc(x)
+        seen = []
+        hook = enc.model.blocks[0].norm1.register_forward_hook(
+            lambda m, i, o: seen.append((o.dtype, torch.is_autocast_enabled("cpu"))))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            enc(x)
+        hook.remove()
+    assert half.dtype == torch.float32 and seen == [(torch.bfloat16, False)]
+    r = np.corrcoef(half.numpy().ravel(), full.numpy().ravel())[0, 1]
+    assert r > 0.99

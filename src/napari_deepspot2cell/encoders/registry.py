@@ -278,7 +278,14 @@ class TimmEncoder(Encoder):
         if tuple(tiles.shape[-2:]) != (s, s):
             tiles = F.interpolate(tiles.float(), size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         x = (tiles - self.mean.to(tiles.dtype)) / self.std.to(tiles.dtype)
-        out = self.model(x)
+        weights = next(self.model.parameters(), None)
+        if weights is not None and weights.dtype in (torch.bfloat16, torch.float16):
+            # Weights already in half precision run as they are: autocast would lift every
+            # LayerNorm back to float32 and cast around it.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = self.model(x.to(weights.dtype))
+        else:
+            out = self.model(x)
         if out.ndim > 2:
             out = out.flatten(1)
         return out.float()
