@@ -60,5 +60,27 @@ def test_gpu_script_smoke_run_on_the_cpu(tmp_path):
     assert report["mode"].startswith("CPU smoke run")
     uni = report["archs"]["uni"]
     assert uni["best_tiles_per_s"] > 0 and uni["whole_path"]["tiles"] == 4
-    assert report["predict"]["cells_ok"]
+    assert set(uni["precisions"]) == {"autocast", "bf16"} and uni["best_precision"] in uni["precisions"]
+    assert all(r["whole_path"]["tiles"] == 4 for r in uni["precisions"].values())
+    stages = uni["whole_path_stages"]
+    assert stages["tiles"] == 4 and stages["read_tiles_per_s"] > 0 and stages["upload_and_crop_tiles_per_s"] > 0
+    assert stages["slowest_stage"] == "model"  # ViT-L/16 on a CPU, against reading and cutting 4 tiles
+    pred = report["predict"]
+    assert pred["completed"] and pred["cells_ok"]
+    assert pred["stages"]["embedding cells"]["done"] == pred["cells"]
     assert report["targets"]["vit_l16_whole_path_tiles_per_s"]["ok"] is None
+
+
+def test_gpu_script_keeps_its_budget_and_its_partial_figures(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py"), "--smoke", "--device", "cpu", "--e2e-side", "1024", "--predict-side", "768",
+         "--precisions", "autocast", "--budget", "0.001", "--out", str(out), "--tmp", str(tmp_path)],
+        capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())  # the file holds what stdout says
+    assert report == json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["settings"]["budget_s"] == 0.0
+    assert not report["predict"]["completed"] and "cells_per_s" not in report["predict"]
+    assert list(report["archs"]["uni"]["precisions"]) == ["autocast"]
