@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -391,6 +393,14 @@ def test_sha256_sidecar(tmp_path):
     assert W.sha256_file(f) == _sha256(f) != first
     W._hash_cache_file().write_text("{not json")
     assert W.sha256_file(f) == _sha256(f)
+    # edited in place, same size, mtime put back: the ctime still tells
+    st = f.stat()
+    second = W.sha256_file(f)
+    time.sleep(0.01)
+    f.write_bytes(b"abe" * 1001)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_size == st.st_size
+    assert W.sha256_file(f) == _sha256(f) != second
 
 
 # --------------------------------------------------------------------------- uni, full size

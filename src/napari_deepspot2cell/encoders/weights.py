@@ -172,10 +172,12 @@ def sha256_file(path: str | os.PathLike, *, chunk_size: int = 8 << 20) -> str:
     """sha256 hex digest of a file's bytes, streamed in chunks.
 
     The digest is remembered in a small JSON sidecar keyed by the resolved path,
-    size and mtime, so a 4 GB file is read once, not at every start."""
+    size, mtime, ctime and inode, so a 4 GB file is read once, not at every start.
+    (os.utime can put an edited file's mtime back, not its ctime; a file replaced by
+    a copy has a new inode: as for the slides' identity, a false miss only re-hashes.)"""
     real = Path(path).resolve()
     st = real.stat()
-    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
     cache_file = _hash_cache_file()
     cache: dict = {}
     try:
