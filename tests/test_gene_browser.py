@@ -132,6 +132,30 @@ def test_uncertainty_toggle_adds_updates_and_removes_a_layer(setup):
     assert widget.uncertainty_layer is None and len(viewer.layers) == n
 
 
+def test_only_the_top_visible_painted_layer_shows_its_colorbar(setup):
+    # napari puts every colorbar side by side, unlabelled: one bar, for what is on top
+    from napari_deepspot2cell.widgets.layers import add_prediction_layers
+
+    viewer, widget, adata, image, cells, centres = setup
+    assert image.colorbar.visible
+    widget.uncertainty.setChecked(True)
+    unc = widget.uncertainty_layer
+    assert unc.colorbar.visible and not image.colorbar.visible
+    unc.visible = False
+    assert image.colorbar.visible and not unc.colorbar.visible
+    unc.visible = True
+    assert unc.colorbar.visible and not image.colorbar.visible
+    viewer.layers.move(list(viewer.layers).index(unc), 0)  # below the expression now
+    assert image.colorbar.visible and not unc.colorbar.visible
+    labels, _ = grid_cells(id_step=3)
+    second, _ = add_prediction_layers(viewer, _predictions(sorted(centres), seed=1), labels, scale=0.5)
+    assert second.colorbar.visible and not image.colorbar.visible and not unc.colorbar.visible
+    viewer.layers.remove(second)
+    assert image.colorbar.visible and not unc.colorbar.visible
+    widget.uncertainty.setChecked(False)
+    assert image.colorbar.visible
+
+
 def test_spots_points_are_coloured_by_the_measured_gene(setup):
     viewer, widget, *_ = setup
     measured = pd.DataFrame({"CD4": [0.0, 1.0, 5.0], "KRT19": [5.0, 1.0, 0.0]})

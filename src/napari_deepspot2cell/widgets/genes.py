@@ -279,7 +279,7 @@ class GeneBrowser(QWidget):
             translate=cells.translate,
             metadata={META: info},
         )
-        decorate(image_layer=layer)
+        decorate(image_layer=layer, viewer=self.viewer)
         # keep the cells (outlines, hover readout) on top of the paint
         order = list(self.viewer.layers)
         self.viewer.layers.move(order.index(layer), order.index(cells))

@@ -12,6 +12,7 @@ writers find it. No secrets (tokens) ever go into metadata.
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -194,7 +195,7 @@ def decorate_when_added(key: str, viewer=None) -> bool:
             return
         kind = info.get("kind")
         if kind == "expression":
-            decorate(image_layer=layer)
+            decorate(image_layer=layer, viewer=viewer)
         elif kind == "cells":
             decorate(labels_layer=layer)
         pending.discard(kind)
@@ -218,16 +219,68 @@ def add_prediction_layers(viewer, adata, labels, **kwargs):
             image_layer = layer
         else:
             labels_layer = layer
-    decorate(image_layer, labels_layer)
+    decorate(image_layer, labels_layer, viewer=viewer)
     return image_layer, labels_layer
 
 
-def decorate(image_layer=None, labels_layer=None) -> None:
-    """Colorbar on the expression image, outlines on the cells (state not in LayerDataTuples)."""
+def decorate(image_layer=None, labels_layer=None, *, viewer=None) -> None:
+    """Colorbar on the expression image, outlines on the cells (state not in LayerDataTuples).
+
+    With ``viewer``, only the top-most visible painted layer keeps its colorbar
+    (see :class:`_OneColorbar`)."""
     if image_layer is not None:
         image_layer.colorbar.visible = True
     if labels_layer is not None:
         labels_layer.contour = 1
+    if viewer is not None:
+        keeper = _KEEPERS.get(viewer.layers)
+        if keeper is None:
+            keeper = _KEEPERS[viewer.layers] = _OneColorbar(viewer.layers)
+        keeper.update()
+
+
+def _painted(layer) -> bool:
+    info = getattr(layer, "metadata", {}).get(META)
+    return isinstance(info, dict) and info.get("kind") in ("expression", "uncertainty")
+
+
+class _OneColorbar:
+    """Shows the colorbar of the top-most visible painted layer alone.
+
+    napari draws each layer's colorbar side by side, unlabelled: with an
+    uncertainty layer or a second prediction over the first, nobody can tell
+    which bar belongs to the colours on screen. This follows inserts, removals,
+    moves and visibility."""
+
+    def __init__(self, layers):
+        self._layers = weakref.ref(layers)
+        layers.events.inserted.connect(self._on_inserted)
+        layers.events.removed.connect(self.update)
+        layers.events.moved.connect(self.update)
+        for layer in layers:
+            self._watch(layer)
+
+    def _watch(self, layer) -> None:
+        if _painted(layer):
+            layer.events.visible.connect(self.update)
+
+    def _on_inserted(self, event) -> None:
+        self._watch(event.value)
+        self.update()
+
+    def update(self, event=None) -> None:
+        layers = self._layers()
+        if layers is None:
+            return
+        painted = [layer for layer in layers if _painted(layer)]
+        top = next((layer for layer in reversed(painted) if layer.visible), None)
+        for layer in painted:
+            if layer.colorbar.visible != (layer is top):
+                layer.colorbar.visible = layer is top
+
+
+# one keeper per layer list, alive as long as the list (napari holds callbacks weakly)
+_KEEPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def find_adata(layer):

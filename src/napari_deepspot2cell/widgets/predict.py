@@ -605,7 +605,7 @@ class PredictWidget(SlideAndMaskInputs, QWidget):
             translate=cells.translate,
             metadata={META: {"kind": "uncertainty", "key": info.get("key"), "gene": gene, "source": "uncertainty"}},
         )
-        decorate(image_layer=layer)
+        decorate(image_layer=layer, viewer=self.viewer)
         order = list(self.viewer.layers)
         self.viewer.layers.move(order.index(layer), order.index(cells))  # keep the outlines on top
         return layer
