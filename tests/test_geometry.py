@@ -45,6 +45,27 @@ def test_cell_table_matches_regionprops_on_random_mask():
     np.testing.assert_array_equal(t[["y0", "x0", "y1", "x1"]].to_numpy(), ref[["bbox-0", "bbox-1", "bbox-2", "bbox-3"]].to_numpy())
 
 
+@pytest.mark.parametrize("block", [7, 16, 4096])
+def test_cell_table_runs_that_wrap_rows_or_split_a_cell(block):
+    # the table is taken over runs along rows: a cell on the last column of one row and the
+    # first of the next must stay two runs, and a U-shaped cell crosses a row in two runs
+    from skimage.measure import regionprops_table
+
+    lab = np.zeros((20, 16), np.uint32)
+    lab[:, 15] = 5
+    lab[:, 0] = 5  # the same id at both ends of every row
+    lab[2:12, 3:12] = 9
+    lab[2:9, 6:9] = 0  # U-shape: rows 2..8 cross cell 9 twice
+    lab[14:20, 4:14] = np.arange(10, dtype=np.uint32)[None, :] % 3 + 20  # stripes, runs of length 1
+    ref = pd.DataFrame(regionprops_table(lab.astype(np.int64), properties=("label", "area", "centroid", "bbox"))).set_index("label")
+    t = cell_table(lab, block=block)
+    assert np.array_equal(t.index.to_numpy(), ref.index.to_numpy())
+    np.testing.assert_array_equal(t["area"], ref["area"])
+    np.testing.assert_allclose(t["y"], ref["centroid-0"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(t["x"], ref["centroid-1"], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(t[["y0", "x0", "y1", "x1"]].to_numpy(), ref[["bbox-0", "bbox-1", "bbox-2", "bbox-3"]].to_numpy())
+
+
 def test_cell_table_empty_and_bad_masks():
     assert len(cell_table(np.zeros((5, 5), np.uint16))) == 0
     with pytest.raises(InputError, match="integers"):

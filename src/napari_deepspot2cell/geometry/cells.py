@@ -24,27 +24,49 @@ _BLOCK = 4096
 def _block_partials(block: np.ndarray, oy: int, ox: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-label ids (int64) and (n, sum_y, sum_x, min_y, min_x, max_y, max_x) of one block.
 
+    Works on runs, not pixels: a cell crosses each row of the block in a run or a
+    few, so the sums and extremes are taken over ~25x fewer items than pixels
+    (a run [c0, c1) on row r adds c1 - c0 pixels, (c1 - c0) * r to sum_y and
+    (c1 - c0) * (c0 + c1 - 1) / 2 to sum_x, all exact integers).
+
     reliability: the ids stay int64, apart from the float statistics; as float64 two
     ids above 2**53 (int64 masks) became one cell with a third id."""
+    w = block.shape[1]
     flat = block.ravel()
-    fg = np.flatnonzero(flat)
-    if fg.size == 0:
+    if flat.size == 0:
         return None
-    labs = flat[fg]
+    starts_mask = np.empty(flat.size, dtype=bool)
+    starts_mask[0] = True
+    np.not_equal(flat[1:], flat[:-1], out=starts_mask[1:])
+    starts_mask[::w] = True  # a run never crosses a row
+    starts = np.flatnonzero(starts_mask)
+    del starts_mask
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1] = flat.size
+    labs = flat[starts]
+    fg = labs != 0
+    if not fg.any():
+        return None
+    starts, ends, labs = starts[fg], ends[fg], labs[fg]
+    rows = starts // w
+    c0 = starts - rows * w
+    length = ends - starts
+    c1 = c0 + length  # exclusive
     uniq, inv = np.unique(labs, return_inverse=True)
-    rows = fg // block.shape[1]
-    cols = fg - rows * block.shape[1]
-    n = np.bincount(inv, minlength=uniq.size)
-    sy = np.bincount(inv, weights=rows, minlength=uniq.size)
-    sx = np.bincount(inv, weights=cols, minlength=uniq.size)
-    miny = np.full(uniq.size, np.iinfo(np.int64).max)
+    inv = inv.ravel()
+    k = uniq.size
+    n = np.bincount(inv, weights=length, minlength=k)
+    sy = np.bincount(inv, weights=rows * length, minlength=k)
+    sx = np.bincount(inv, weights=(length * (c0 + c1 - 1)) // 2, minlength=k)
+    miny = np.full(k, np.iinfo(np.int64).max)
     minx = miny.copy()
-    maxy = np.full(uniq.size, -1)
+    maxy = np.full(k, -1)
     maxx = maxy.copy()
     np.minimum.at(miny, inv, rows)
-    np.minimum.at(minx, inv, cols)
+    np.minimum.at(minx, inv, c0)
     np.maximum.at(maxy, inv, rows)
-    np.maximum.at(maxx, inv, cols)
+    np.maximum.at(maxx, inv, c1 - 1)
     return uniq.astype(np.int64), np.stack(
         [n, sy + oy * n, sx + ox * n, miny + oy, minx + ox, maxy + oy, maxx + ox],
         axis=1,
