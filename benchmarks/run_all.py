@@ -173,17 +173,34 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def replot(base: Path, newer: list[str]) -> Path:
+    """Redraw scaling.png from a results file, each NAME=FILE putting a later run of one benchmark in its place."""
+    results = json.loads(base.read_text())
+    for item in newer:
+        name, _, path = item.partition("=")
+        if name not in BENCHES or not path:
+            raise SystemExit(f"--replot: expected NAME=FILE with NAME one of {', '.join(BENCHES)}, got {item!r}")
+        results["raw"][name] = json.loads(Path(path).read_text())
+    return plot(results, HERE / "scaling.png")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true")
     mode.add_argument("--full", action="store_true")
+    mode.add_argument("--replot", nargs="*", metavar="NAME=FILE",
+                      help="only redraw scaling.png from results-full.json, with later runs of some benchmarks")
     p.add_argument("--plot", action="store_true", help="draw benchmarks/scaling.png (always with --full)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHES)}")
     p.add_argument("--predict-sides", type=int, nargs=2, default=None, help="bench_predict --sides")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per benchmark")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results-{quick,full}.json)")
     args = p.parse_args(argv)
+    if args.replot is not None:
+        path = replot(Path(args.out) if args.out else HERE / "results-full.json", args.replot)
+        print(json.dumps({"plot": str(path)}))
+        return {"plot": str(path)}
     quick = bool(args.quick)
     names = [n.strip() for n in args.only.split(",")] if args.only else [n for n in BENCHES if quick or n != "gpu_smoke"]
     results = {"mode": "quick" if quick else "full", "date": dt.datetime.now().isoformat(timespec="seconds"),
