@@ -93,9 +93,9 @@ class Report(dict):
 
     def save(self) -> None:
         if self.path is not None:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(json.dumps(self, indent=1))
-            os.replace(tmp, self.path)
+            from napari_deepspot2cell.io.atomic import atomic_write_text
+
+            atomic_write_text(self.path, json.dumps(self, indent=1))
 
 
 class Clock:
